@@ -1,0 +1,41 @@
+# flowkern: the whole set-up is `make test` (build + tests) and `make bench` (build + benchmarks).
+# Both create .venv when it is missing and install the pinned toolchain into it.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PIN    := torch==2.14.1 torchvision==0.29.1
+DEPS   := numpy pytest pytest-benchmark hypothesis tqdm setuptools wheel ninja
+BENCH_ARGS ?= --quick
+
+.PHONY: venv build test test-fast test-triton bench gpu-check clean
+
+$(VENV)/.toolchain: Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install $(PIN) $(DEPS)
+	touch $@
+
+venv: $(VENV)/.toolchain
+
+# Rebuilds the extension only when a source under csrc/ or setup.py changed.
+$(VENV)/.built: $(VENV)/.toolchain setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	$(VPY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(VPY) -m pytest tests -q
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests -q -m triton
+
+test-fast: build
+	$(VPY) -m pytest tests -q -x
+
+bench: build
+	$(VPY) -m benchmarks $(BENCH_ARGS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build flowkern/_C*.so *.egg-info $(VENV)/.built

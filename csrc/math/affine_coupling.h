@@ -1,0 +1,84 @@
+// Affine coupling, per element: the single source of its arithmetic for the CPU and CUDA
+// kernels (the Triton kernel and flowkern/reference/affine_coupling.py restate it and the
+// tests hold all three to each other).
+//
+// s = raw scale from the conditioner, t = shift, m = scale factor, c = clamp.
+//   exp:     log m = s                                 dlogm/ds = 1
+//   sigmoid: g = sigmoid(s + 2), m = g + 1e-3,         dlogm/ds = g (1 - g) / m
+//            log m = log(m)      (the nflows / Glow convention: m stays in (1e-3, 1 + 1e-3))
+//   tanh:    log m = c tanh(s / c)                     dlogm/ds = 1 - tanh^2(s / c)
+// forward  (data -> latent): y = x m + t,     log-det += log m
+// inverse  (latent -> data): x = (y - t) / m, log-det -= log m
+//
+// The backward needs only the tensor the caller saved: the forward's input x, or the
+// inverse's output x, so one kernel serves both directions:
+//   forward: dL/dx = g m,      dL/ds = (g x m + gld) dlogm/ds,   dL/dt = g
+//   inverse: dL/dy = g / m,    dL/ds = -(g x + gld) dlogm/ds,    dL/dt = -g / m
+// with g = dL/d(out) and gld = dL/d(logdet) of the element's row.
+#pragma once
+
+#include "common.h"
+
+namespace flowkern {
+namespace math {
+
+enum AffineScale : int { kAffineExp = 0, kAffineSigmoid = 1, kAffineTanh = 2 };
+constexpr float kAffineSigmoidOffset = 2.0f;
+constexpr float kAffineSigmoidEps = 1e-3f;
+
+// The factor applied to the data (m forward, 1/m inverse) and log m. exp(-log m) rather than
+// 1/exp(log m) in the inverse keeps x finite when m overflows.
+template <int MODE, bool INVERSE, typename T>
+FLOWKERN_HD void affine_factor(const T& s, const T& clamp, T& factor, T& logm) {
+  if constexpr (MODE == kAffineExp) {
+    logm = s;
+    factor = fk_exp(INVERSE ? -s : s);
+  } else if constexpr (MODE == kAffineTanh) {
+    logm = clamp * fk_tanh(s / clamp);
+    factor = fk_exp(INVERSE ? -logm : logm);
+  } else {
+    const T m = fk_sigmoid(s + T(kAffineSigmoidOffset)) + T(kAffineSigmoidEps);
+    logm = fk_log(m);
+    factor = INVERSE ? T(1) / m : m;
+  }
+}
+
+// The same factor, and d(log m)/ds for the backward pass.
+template <int MODE, bool INVERSE, typename T>
+FLOWKERN_HD void affine_factor_grad(const T& s, const T& clamp, T& factor, T& dlogm) {
+  if constexpr (MODE == kAffineExp) {
+    factor = fk_exp(INVERSE ? -s : s);
+    dlogm = T(1);
+  } else if constexpr (MODE == kAffineTanh) {
+    const T th = fk_tanh(s / clamp);
+    const T logm = clamp * th;
+    factor = fk_exp(INVERSE ? -logm : logm);
+    dlogm = T(1) - th * th;
+  } else {
+    const T g = fk_sigmoid(s + T(kAffineSigmoidOffset));
+    const T m = g + T(kAffineSigmoidEps);
+    factor = INVERSE ? T(1) / m : m;
+    dlogm = g * (T(1) - g) / m;
+  }
+}
+
+// One element of the transform; returns the output and writes log m (unsigned).
+template <int MODE, bool INVERSE, typename T>
+FLOWKERN_HD T affine_apply(const T& x, const T& t, const T& s, const T& clamp, T& logm) {
+  T factor;
+  affine_factor<MODE, INVERSE>(s, clamp, factor, logm);
+  return INVERSE ? (x - t) * factor : x * factor + t;
+}
+
+// One element of the backward pass. `saved` is the forward's input or the inverse's output.
+template <int MODE, bool INVERSE, typename T>
+FLOWKERN_HD void affine_backward(const T& g, const T& gld, const T& saved, const T& s,
+                                 const T& clamp, T& grad_in, T& grad_s) {
+  T factor, dlogm;
+  affine_factor_grad<MODE, INVERSE>(s, clamp, factor, dlogm);
+  grad_in = g * factor;
+  grad_s = INVERSE ? -((g * saved + gld) * dlogm) : (g * saved * factor + gld) * dlogm;
+}
+
+}  // namespace math
+}  // namespace flowkern

@@ -1,0 +1,76 @@
+// Declarations of flowkern's compiled ops (schemas in registration.cpp) and the checks every
+// launcher repeats. Python (flowkern/ops) validates arguments with friendly messages first;
+// these TORCH_CHECKs only guard the kernels against direct torch.ops calls.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace flowkern {
+
+// The dtype in which a row's log-det is accumulated and returned: float32 for float32 and the
+// half types, float64 for float64.
+inline at::ScalarType logdet_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_affine_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                const std::optional<at::Tensor>& per_row) {
+  TORCH_CHECK(a.dim() >= 1, "flowkern: affine_coupling needs a batch dimension");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.sizes() == c.sizes(), "flowkern: affine_coupling tensors differ in shape: ",
+              a.sizes(), ", ", b.sizes(), ", ", c.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == c.scalar_type(),
+              "flowkern: affine_coupling tensors differ in dtype");
+  TORCH_CHECK(a.device() == b.device() && a.device() == c.device(), "flowkern: affine_coupling tensors differ in device");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(),
+              "flowkern: affine_coupling kernels take contiguous tensors");
+  if (per_row.has_value()) {
+    TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == a.size(0) && per_row->is_contiguous(),
+                "flowkern: per-row tensor must be contiguous with shape (", a.size(0), ",)");
+    TORCH_CHECK(per_row->scalar_type() == logdet_dtype(a.scalar_type()), "flowkern: per-row tensor must be ",
+                logdet_dtype(a.scalar_type()));
+    TORCH_CHECK(per_row->device() == a.device(), "flowkern: per-row tensor on another device");
+  }
+}
+
+// Turns the runtime (mode, inverse) pair of affine_coupling into template arguments, so each
+// kernel's inner loop is branch-free: f(std::integral_constant<int, MODE>, std::bool_constant<INVERSE>).
+template <typename F>
+void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "flowkern: affine_coupling mode must be 0 (exp), 1 (sigmoid) or 2 (tanh), got ",
+              mode);
+  auto with_inv = [&](auto mode_c) {
+    if (inverse) f(mode_c, std::true_type{});
+    else f(mode_c, std::false_type{});
+  };
+  if (mode == 0) with_inv(std::integral_constant<int, 0>{});
+  else if (mode == 1) with_inv(std::integral_constant<int, 1>{});
+  else with_inv(std::integral_constant<int, 2>{});
+}
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> affine_coupling_fwd(const at::Tensor& x, const at::Tensor& shift,
+                                                       const at::Tensor& scale_raw, int64_t mode, double clamp,
+                                                       bool inverse, const std::optional<at::Tensor>& logdet);
+std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_out,
+                                                       const std::optional<at::Tensor>& grad_logdet,
+                                                       const at::Tensor& saved, const at::Tensor& scale_raw,
+                                                       int64_t mode, double clamp, bool inverse);
+}  // namespace cpu
+
+#ifdef FLOWKERN_WITH_CUDA
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> affine_coupling_fwd(const at::Tensor& x, const at::Tensor& shift,
+                                                       const at::Tensor& scale_raw, int64_t mode, double clamp,
+                                                       bool inverse, const std::optional<at::Tensor>& logdet);
+std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_out,
+                                                       const std::optional<at::Tensor>& grad_logdet,
+                                                       const at::Tensor& saved, const at::Tensor& scale_raw,
+                                                       int64_t mode, double clamp, bool inverse);
+}  // namespace cuda
+#endif
+
+}  // namespace flowkern

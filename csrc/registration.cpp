@@ -1,0 +1,39 @@
+// Schemas of the flowkern torch ops and their CPU / CUDA implementations. Importing
+// flowkern._C runs these registrations; the fake (meta) implementations used by
+// torch.compile live in Python (flowkern/ops), beside the autograd wiring.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(flowkern, m) {
+  m.def("affine_coupling_fwd(Tensor x, Tensor shift, Tensor scale_raw, int mode, float clamp, bool inverse, "
+        "Tensor? logdet) -> (Tensor, Tensor)");
+  m.def("affine_coupling_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_raw, int mode, "
+        "float clamp, bool inverse) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
+  m.impl("affine_coupling_fwd", &flowkern::cpu::affine_coupling_fwd);
+  m.impl("affine_coupling_bwd", &flowkern::cpu::affine_coupling_bwd);
+}
+
+#ifdef FLOWKERN_WITH_CUDA
+TORCH_LIBRARY_IMPL(flowkern, CUDA, m) {
+  m.impl("affine_coupling_fwd", &flowkern::cuda::affine_coupling_fwd);
+  m.impl("affine_coupling_bwd", &flowkern::cuda::affine_coupling_bwd);
+}
+#endif
+
+// A bare Python module, so `import flowkern._C` loads the library and runs the registrations
+// above without pulling pybind11 into the build.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "flowkern compiled ops", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef FLOWKERN_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}

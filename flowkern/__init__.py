@@ -1,0 +1,16 @@
+"""flowkern: fused kernels for normalizing flows.
+
+    import flowkern
+    flow = flowkern.models.RealNVP(features=784, layers=8)
+    loss = -flow.log_prob(x).mean()
+    with flowkern.backend("reference"): ...   # or flowkern.set_backend("cpu" | "cuda" | "triton" | "auto")
+"""
+from . import models, nn, ops, reference
+from ._backend import BACKENDS, BackendUnavailable, available_backends, backend, get_backend, set_backend
+from .nn import Flow, StandardNormal
+
+__version__ = "0.1.0"
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "Flow", "StandardNormal", "available_backends", "backend", "get_backend",
+    "models", "nn", "ops", "reference", "set_backend",
+]

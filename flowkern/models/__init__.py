@@ -1,0 +1,4 @@
+"""Ready-made flows."""
+from .realnvp import RealNVP
+
+__all__ = ["RealNVP"]

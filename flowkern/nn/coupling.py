@@ -1,0 +1,138 @@
+"""Coupling layers: a mask splits the features into a kept part, passed through unchanged,
+and a transformed part, whose per-element transform is predicted from the kept part (and an
+optional context) by an MLP conditioner."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.affine_coupling import SCALES
+from ..ops import _checks
+from .flow import FlowLayer
+
+
+def coupling_mask(features: int, mask: Union[str, torch.Tensor] = "alternate", flip: bool = False) -> torch.Tensor:
+    """Boolean mask of shape (features,): True marks a transformed feature, False a kept one.
+
+    "alternate" transforms the odd indices, "half" the second half; flip=True swaps the two
+    sets (stack layers with flip alternating so every feature gets transformed).
+    """
+    if isinstance(mask, str):
+        idx = torch.arange(features)
+        if mask == "alternate":
+            m = idx % 2 == 1
+        elif mask == "half":
+            m = idx >= features // 2
+        else:
+            raise ValueError(f"mask must be 'alternate', 'half' or a bool tensor, got {mask!r}")
+    elif isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool or mask.shape != (features,):
+            raise ValueError(f"mask tensor must be bool of shape ({features},), got {mask.dtype} {tuple(mask.shape)}")
+        m = mask.clone()
+    else:
+        raise TypeError(f"mask must be a string or a bool tensor, got {type(mask).__name__}")
+    if flip:
+        m = ~m
+    if m.all() or not m.any():
+        raise ValueError(f"mask must keep at least one feature and transform at least one (features={features})")
+    return m
+
+
+class MLP(nn.Sequential):
+    """in -> hidden -> hidden -> out with ReLU; the last layer starts at zero so the coupling
+    starts as the identity."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__(
+            nn.Linear(in_features, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, out_features),
+        )
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+
+class _Coupling(FlowLayer):
+    """The mask bookkeeping shared by every coupling: split, condition, merge."""
+
+    def __init__(self, features: int, hidden: int, params_per_feature: int,
+                 mask: Union[str, torch.Tensor], flip: bool, context: int):
+        super().__init__()
+        if not isinstance(features, int) or features < 2:
+            raise ValueError(f"features must be an int >= 2 (one kept, one transformed), got {features!r}")
+        if not isinstance(context, int) or context < 0:
+            raise ValueError(f"context must be a non-negative int, got {context!r}")
+        m = coupling_mask(features, mask, flip)
+        self.features, self.context_features = features, context
+        kept = torch.nonzero(~m).flatten()
+        moved = torch.nonzero(m).flatten()
+        self.register_buffer("mask", m, persistent=False)
+        self.register_buffer("kept_idx", kept, persistent=False)
+        self.register_buffer("moved_idx", moved, persistent=False)
+        # cat([kept, moved])[:, merge_idx] restores the original feature order.
+        self.register_buffer("merge_idx", torch.argsort(torch.cat([kept, moved])), persistent=False)
+        self.params_per_feature = params_per_feature
+        self.conditioner = MLP(len(kept) + context, hidden, params_per_feature * len(moved))
+
+    def _split(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        self.check_input(x)
+        kept = x.index_select(1, self.kept_idx)
+        moved = x.index_select(1, self.moved_idx)
+        h = kept
+        if self.context_features:
+            if context is None:
+                raise ValueError(f"this layer is conditional: pass context of shape (batch, {self.context_features})")
+            if not isinstance(context, torch.Tensor) or context.shape != (x.shape[0], self.context_features):
+                got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+                raise ValueError(f"context must have shape ({x.shape[0]}, {self.context_features}), got {got}")
+            h = torch.cat([kept, context.to(kept.dtype)], dim=1)
+        params = self.conditioner(h).view(x.shape[0], self.params_per_feature, len(self.moved_idx))
+        return kept, moved, params
+
+    def _merge(self, kept: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        return torch.cat([kept, moved], dim=1).index_select(1, self.merge_idx)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        _checks.tensor("x", x, min_dim=2)
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ValueError(f"x must have shape (batch, {self.features}), got {tuple(x.shape)}")
+
+
+class AffineCoupling(_Coupling):
+    """RealNVP affine coupling: y_moved = x_moved * m(x_kept) + t(x_kept), fused log-det.
+
+    Args:
+        features: width of the (B, features) input.
+        hidden: width of the conditioner's two hidden layers.
+        mask: "alternate", "half", or a bool tensor (True = transformed).
+        flip: swap kept and transformed features (alternate it between stacked layers).
+        scale: "sigmoid" (nflows/Glow, bounded), "exp" or "tanh" (soft-clamped exp).
+        clamp: the soft clamp of scale="tanh".
+        context: width of a conditioning vector (0 for an unconditional layer).
+    """
+
+    def __init__(self, features: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "alternate",
+                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0):
+        _checks.choice("scale", scale, SCALES)
+        super().__init__(features, hidden, 2, mask, flip, context)
+        self.scale, self.clamp = scale, _checks.positive("clamp", clamp)
+
+    def _transform(self, x, context, logdet, inverse):
+        kept, moved, params = self._split(x, context)
+        shift, scale_raw = params.unbind(1)
+        moved, logdet = ops.affine_coupling(moved, shift, scale_raw, scale=self.scale, clamp=self.clamp,
+                                            inverse=inverse, logdet=logdet)
+        return self._merge(kept, moved), logdet
+
+    def forward(self, x, context=None, logdet=None):
+        return self._transform(x, context, logdet, inverse=False)
+
+    def inverse(self, z, context=None, logdet=None):
+        return self._transform(z, context, logdet, inverse=True)
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, transformed={len(self.moved_idx)}, scale={self.scale!r}, "
+                f"context={self.context_features}")

@@ -1,0 +1,106 @@
+"""The layer protocol, the base distribution and Flow, the composition of layers.
+
+Every flowkern layer maps data -> latent in forward(x, context=None, logdet=None) and
+latent -> data in inverse(z, context=None, logdet=None); both return (output, logdet), where
+logdet (B,) is the running log|det J| of the direction taken, added to the `logdet` passed in
+(the fused ops add it in their own reduction, so a flow does no extra pass per layer).
+Unconditional layers ignore `context`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..ops import _checks
+
+Shape = Union[int, Sequence[int]]
+
+
+class FlowLayer(nn.Module):
+    """Base class of flowkern's invertible layers."""
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: torch.Tensor, context: Optional[torch.Tensor] = None,
+                logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class StandardNormal(nn.Module):
+    """N(0, I) over events of `shape`; sample(n, temperature) draws from N(0, temperature^2 I)."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+        if not self.shape or any(s <= 0 for s in self.shape):
+            raise ValueError(f"shape must be positive sizes, got {shape!r}")
+        self.dim = math.prod(self.shape)
+        # A buffer only to follow the module's device and dtype.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        if tuple(z.shape[1:]) != self.shape:
+            raise ValueError(f"z must have shape (batch, {', '.join(map(str, self.shape))}), got {tuple(z.shape)}")
+        zf = z.reshape(z.shape[0], -1).to(_checks.logdet_dtype(z.dtype))
+        return -0.5 * zf.pow(2).sum(dim=1) - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        z = torch.randn((n, *self.shape), device=self._anchor.device, dtype=self._anchor.dtype)
+        return z * temperature
+
+
+class Flow(nn.Module):
+    """A normalizing flow: layers applied in order map data to latent, then a base density.
+
+    forward(x) -> (z, logdet); inverse(z) -> (x, logdet of the inverse map);
+    log_prob(x) = base.log_prob(z) + logdet; sample(n, temperature) inverts base samples.
+    """
+
+    def __init__(self, layers: Iterable[nn.Module], base: Optional[nn.Module] = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if len(self.layers) == 0:
+            raise ValueError("a Flow needs at least one layer")
+        if base is None:
+            features = getattr(self.layers[0], "features", None)
+            if features is None:
+                raise ValueError("pass base=... (the first layer does not say its number of features)")
+            base = StandardNormal(features)
+        self.base = base
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        logdet = None
+        for layer in self.layers:
+            x, logdet = layer(x, context, logdet)
+        return x, logdet
+
+    def inverse(self, z: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        logdet = None
+        for layer in reversed(self.layers):
+            z, logdet = layer.inverse(z, context, logdet)
+        return z, logdet
+
+    def log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(x) per row, shape (B,), float32 (float64 for float64 input)."""
+        z, logdet = self(x, context)
+        return self.base.log_prob(z) + logdet
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """n samples; with context (n, C) (or (1, C), repeated), one sample per context row."""
+        if context is not None and context.shape[0] == 1 and n != 1:
+            context = context.expand(n, *context.shape[1:])
+        if context is not None and context.shape[0] != n:
+            raise ValueError(f"context must have n={n} rows (or 1), got {tuple(context.shape)}")
+        z = self.base.sample(n, temperature)
+        x, _ = self.inverse(z, context)
+        return x

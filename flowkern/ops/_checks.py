@@ -1,0 +1,63 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-dets are accumulated and returned in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tensor(name: str, value, *, min_dim: int = 1) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have a batch dimension (at least {min_dim}-D), got shape {tuple(value.shape)}")
+    return value
+
+
+def like(name: str, value, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """`value` must be a tensor with ref's shape, dtype and device."""
+    tensor(name, value)
+    if value.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(value.shape)}")
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but {ref_name} is on {ref.device}")
+    return value
+
+
+def running_logdet(logdet: Optional[torch.Tensor], ref: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validates the running log-det a caller passes: shape (batch,), on ref's device."""
+    if logdet is None:
+        return None
+    if not isinstance(logdet, torch.Tensor):
+        raise TypeError(f"logdet must be a torch.Tensor or None, got {type(logdet).__name__}")
+    if not logdet.is_floating_point():
+        raise TypeError(f"logdet must be a floating-point tensor, got dtype {logdet.dtype}")
+    if logdet.shape != (ref.shape[0],):
+        raise ValueError(f"logdet must have shape (batch,) = ({ref.shape[0]},), got {tuple(logdet.shape)}")
+    if logdet.device != ref.device:
+        raise ValueError(f"logdet is on {logdet.device} but x is on {ref.device}")
+    return logdet.to(logdet_dtype(ref.dtype)).contiguous()
+
+
+def choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def positive(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value

@@ -1,0 +1,241 @@
+"""flowkern.ops.affine_coupling: every backend against the float64 reference."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flowkern
+from flowkern.ops import affine_coupling
+from flowkern.reference import affine_coupling_ref
+
+from conftest import assert_close_2x, kernel_backends
+
+SCALES = ("exp", "sigmoid", "tanh")
+SHAPES = [(1, 1), (3, 3), (2, 129), (2, 784), (2, 3, 5), (1, 1300)]
+
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", s_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, t, s = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    return x.to(device, dtype), t.to(device, dtype), (s * s_scale).to(device, dtype)
+
+
+def run(fn, x, t, s, ld_in, w_out, w_ld, **kw):
+    """Outputs and the gradients of <w_out, out> + <w_ld, logdet> for every input."""
+    leaves = [a.detach().clone().requires_grad_(True) for a in (x, t, s, ld_in)]
+    out, ld = fn(*leaves[:3], logdet=leaves[3], **kw)
+    loss = (out.double() * w_out).sum() + (ld.double() * w_ld).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return out, ld, grads
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, device, scale, inverse, shape):
+    x, t, s = make_inputs(shape, device=device)
+    ld_in = torch.randn(shape[0], device=device)
+    w_out = torch.randn(shape, dtype=torch.float64, device=device)
+    w_ld = torch.randn(shape[0], dtype=torch.float64, device=device)
+    kw = dict(scale=scale, clamp=1.5, inverse=inverse)
+    ref64 = run(affine_coupling_ref, x.double(), t.double(), s.double(), ld_in.double(), w_out, w_ld, **kw)
+    ref32 = run(affine_coupling_ref, x, t, s, ld_in, w_out, w_ld, **kw)
+    with flowkern.backend(backend):
+        got = run(affine_coupling, x, t, s, ld_in, w_out, w_ld, **kw)
+    assert got[0].dtype == x.dtype and got[1].dtype == torch.float32 and got[1].shape == (shape[0],)
+    for name, a, b, c in [("out", got[0], ref64[0], ref32[0]), ("logdet", got[1], ref64[1], ref32[1])]:
+        assert_close_2x(name, a, b, c, atol=1e-5)
+    for name, a, b, c in zip(["grad_x", "grad_shift", "grad_scale_raw", "grad_logdet_in"], got[2], ref64[2], ref32[2]):
+        assert_close_2x(name, a, b, c, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("scale", SCALES)
+def test_logdet_is_optional_and_grad_without_logdet(backend, device, scale):
+    x, t, s = make_inputs((4, 10), device=device)
+    with flowkern.backend(backend):
+        out, ld = affine_coupling(x, t, s.requires_grad_(), scale=scale)
+        out.sum().backward()  # logdet unused: its gradient is zero
+    ref_s = s.detach().double().requires_grad_()
+    out_ref, ld_ref = affine_coupling_ref(x.double(), t.double(), ref_s, scale=scale)
+    out_ref.sum().backward()
+    torch.testing.assert_close(ld.double().cpu(), ld_ref.cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad.double().cpu(), ref_s.grad.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("scale", SCALES)
+def test_round_trip_and_negated_logdet(backend, device, scale):
+    x, t, s = make_inputs((5, 129), device=device, s_scale=2.0)
+    with flowkern.backend(backend):
+        y, ld_f = affine_coupling(x, t, s, scale=scale)
+        x2, ld_i = affine_coupling(y, t, s, scale=scale, inverse=True)
+    # Small m makes x = (y - t) / m cancel catastrophically in float32: hold the round trip to
+    # the reference's own float32 round trip (2x rule), not to an absolute tolerance.
+    y_ref, _ = affine_coupling_ref(x, t, s, scale=scale)
+    x2_ref, _ = affine_coupling_ref(y_ref, t, s, scale=scale, inverse=True)
+    assert_close_2x("round trip", x2, x, x2_ref, atol=1e-6)
+    torch.testing.assert_close(ld_i, -ld_f, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+def test_logdet_equals_log_abs_det_jacobian(backend, device, scale, inverse):
+    x, t, s = make_inputs((1, 6), device=device)
+    with flowkern.backend(backend):
+        jac = torch.autograd.functional.jacobian(
+            lambda v: affine_coupling(v, t, s, scale=scale, inverse=inverse)[0], x)
+        _, ld = affine_coupling(x, t, s, scale=scale, inverse=inverse)
+    jac = jac.reshape(6, 6).double().cpu()
+    torch.testing.assert_close(ld.double().cpu()[0], torch.linalg.slogdet(jac).logabsdet, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+def test_gradcheck_float64(scale, inverse):
+    if "cpu" not in flowkern.available_backends():
+        pytest.skip("compiled CPU backend not built")
+    x, t, s = make_inputs((3, 5), dtype=torch.float64)
+    ld = torch.randn(3, dtype=torch.float64)
+    inputs = tuple(a.requires_grad_() for a in (x, t, s, ld))
+    with flowkern.backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, d: affine_coupling(a, b, c, scale=scale, inverse=inverse, logdet=d), inputs)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("batch", [0, 1])
+def test_batch_zero_and_one(backend, device, batch):
+    x, t, s = make_inputs((batch, 7), device=device)
+    with flowkern.backend(backend):
+        y, ld = affine_coupling(x, t, s.requires_grad_(), scale="sigmoid")
+        (y.sum() + ld.sum()).backward()
+    ref, ld_ref = affine_coupling_ref(x, t, s.detach(), scale="sigmoid")
+    assert y.shape == (batch, 7) and ld.shape == (batch,) and s.grad.shape == (batch, 7)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(ld, ld_ref)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_non_contiguous_inputs(backend, device):
+    big = torch.randn(6, 40, 3, device=device)
+    x, t, s = big[::2, :, 0], big[1::2, :, 1], big[::2, :, 2].t().contiguous().t()
+    ld_in = torch.randn(6, device=device)[::2]
+    assert not (x.is_contiguous() or t.is_contiguous() or ld_in.is_contiguous())
+    with flowkern.backend(backend):
+        y, ld = affine_coupling(x, t, s, scale="exp", logdet=ld_in)
+    y_ref, ld_ref = affine_coupling_ref(x, t, s, scale="exp", logdet=ld_in)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(ld, ld_ref)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("scale,s_value,inverse", [
+    ("exp", 80.0, False), ("exp", -80.0, False), ("exp", 200.0, True), ("exp", -80.0, True),
+    ("sigmoid", 1e4, False), ("sigmoid", -1e4, False), ("sigmoid", -1e4, True),
+    ("tanh", 1e4, False), ("tanh", -1e4, True), ("tanh", 1e30, False),
+])
+def test_extreme_scales_stay_finite(backend, device, scale, s_value, inverse):
+    x = torch.randn(3, 33, device=device)
+    t = torch.randn(3, 33, device=device)
+    s = torch.full((3, 33), s_value, device=device, requires_grad=True)
+    with flowkern.backend(backend):
+        y, ld = affine_coupling(x, t, s, scale=scale, inverse=inverse)
+        (y.sum() + ld.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(ld).all() and torch.isfinite(s.grad).all()
+    y_ref, ld_ref = affine_coupling_ref(x.double(), t.double(), s.detach().double(), scale=scale, inverse=inverse)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ld.double(), ld_ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_on_cpu_compute_in_float32(dtype):
+    if "cpu" not in flowkern.available_backends():
+        pytest.skip("compiled CPU backend not built")
+    x, t, s = make_inputs((4, 17), dtype=dtype)
+    with flowkern.backend("cpu"):
+        y, ld = affine_coupling(x, t, s, scale="sigmoid")
+    y_ref, ld_ref = affine_coupling_ref(x.float(), t.float(), s.float(), scale="sigmoid")
+    assert y.dtype == dtype and ld.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref.to(dtype))
+    torch.testing.assert_close(ld, ld_ref)
+
+
+def test_float64_logdet_is_float64():
+    x, t, s = make_inputs((2, 3), dtype=torch.float64)
+    for name in ("reference", *(b for b in ("cpu",) if b in flowkern.available_backends())):
+        with flowkern.backend(name):
+            assert affine_coupling(x, t, s)[1].dtype == torch.float64
+
+
+# ---- bad input: a clear error that names the argument ------------------------------------------
+
+@pytest.mark.parametrize("backend_name", ["reference", "auto"])
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(shift=torch.zeros(4, 6)), ValueError, "shift must have the shape"),
+    (dict(scale_raw=torch.zeros(4)), ValueError, "scale_raw must have the shape"),
+    (dict(x=torch.zeros(4, 5, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+    (dict(shift=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "shift must have the dtype"),
+    (dict(scale_raw=torch.zeros(4, 5, device="meta")), ValueError, "scale_raw is on meta"),
+    (dict(scale="softplus"), ValueError, "scale must be one of"),
+    (dict(clamp=0.0), ValueError, "clamp must be a positive"),
+    (dict(logdet=torch.zeros(5)), ValueError, r"logdet must have shape \(batch,\)"),
+    (dict(logdet=torch.zeros(4, dtype=torch.int32)), TypeError, "logdet must be a floating-point"),
+    (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.tensor(1.0), shift=torch.tensor(1.0), scale_raw=torch.tensor(1.0)), ValueError, "batch dimension"),
+])
+def test_bad_input_raises_naming_the_argument(backend_name, kwargs, error, match):
+    args = dict(x=torch.zeros(4, 5), shift=torch.zeros(4, 5), scale_raw=torch.zeros(4, 5))
+    args.update(kwargs)
+    x, shift, scale_raw = args.pop("x"), args.pop("shift"), args.pop("scale_raw")
+    with flowkern.backend(backend_name), pytest.raises(error, match=match):
+        affine_coupling(x, shift, scale_raw, **args)
+
+
+# ---- the backend switch -------------------------------------------------------------------------
+
+def test_backend_switch_and_context_manager():
+    assert "reference" in flowkern.available_backends() and "auto" in flowkern.available_backends()
+    flowkern.set_backend("reference")
+    assert flowkern.get_backend() == "reference"
+    with flowkern.backend("auto"):
+        assert flowkern.get_backend() == "auto"
+    assert flowkern.get_backend() == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        flowkern.set_backend("fastest")
+    with pytest.raises(TypeError):
+        flowkern.set_backend(3)
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback():
+    if "cuda" not in flowkern.available_backends():
+        with pytest.raises(flowkern.BackendUnavailable, match="'cuda' is not available"):
+            flowkern.set_backend("cuda")
+    if "cpu" in flowkern.available_backends():
+        with flowkern.backend("cpu"), pytest.raises(flowkern.BackendUnavailable, match="runs on cpu tensors"):
+            x = torch.zeros(2, 3, device="meta")
+            affine_coupling(x, x, x)
+
+
+def test_env_var_selects_backend():
+    code = "import flowkern; print(flowkern.get_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={"FLOWKERN_BACKEND": "reference", "PATH": ""},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "reference"
+    bad = subprocess.run([sys.executable, "-c", code], env={"FLOWKERN_BACKEND": "nope", "PATH": ""},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "backend must be one of" in bad.stderr
+
+
+def test_auto_uses_compiled_op_when_built():
+    if "cpu" not in flowkern.available_backends():
+        pytest.skip("compiled CPU backend not built")
+    x, t, s = make_inputs((2, 4))
+    with flowkern.backend("auto"):
+        y, _ = affine_coupling(x, t, s.requires_grad_())
+    assert type(y.grad_fn).__name__.startswith("_AffineCouplingFnBackward")
