@@ -7,10 +7,12 @@
 #include "ops.h"
 
 TORCH_LIBRARY(flowkern, m) {
+  // (out, logdet, factor): factor = m (or 1/m going back) when save_factor, else empty.
   m.def("affine_coupling_fwd(Tensor x, Tensor shift, Tensor scale_raw, int mode, float clamp, bool inverse, "
-        "Tensor? logdet) -> (Tensor, Tensor)");
-  m.def("affine_coupling_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_raw, int mode, "
-        "float clamp, bool inverse) -> (Tensor, Tensor)");
+        "Tensor? logdet, bool save_factor) -> (Tensor, Tensor, Tensor)");
+  // (grad_in, grad_scale_raw) from the raw scale, or from the saved factor when is_factor.
+  m.def("affine_coupling_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_or_factor, "
+        "bool is_factor, int mode, float clamp, bool inverse) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {

@@ -17,6 +17,15 @@ SCALES = ("exp", "sigmoid", "tanh")
 SHAPES = [(1, 1), (3, 3), (2, 129), (2, 784), (2, 3, 5), (1, 1300)]
 
 
+@pytest.fixture(params=["save-factor", "recompute"])
+def backward_path(request, monkeypatch):
+    """Both ways the backward can get m: the factor saved by the forward, or recomputed from s."""
+    import sys
+    module = sys.modules["flowkern.ops.affine_coupling"]
+    monkeypatch.setattr(module, "SAVE_FACTOR_ON", {"cpu", "cuda"} if request.param == "save-factor" else set())
+    return request.param
+
+
 def make_inputs(shape, dtype=torch.float32, device="cpu", s_scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, t, s = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
@@ -36,7 +45,7 @@ def run(fn, x, t, s, ld_in, w_out, w_ld, **kw):
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference(backend, device, scale, inverse, shape):
+def test_matches_reference(backend, device, scale, inverse, shape, backward_path):
     x, t, s = make_inputs(shape, device=device)
     ld_in = torch.randn(shape[0], device=device)
     w_out = torch.randn(shape, dtype=torch.float64, device=device)
@@ -140,7 +149,7 @@ def test_non_contiguous_inputs(backend, device):
     ("sigmoid", 1e4, False), ("sigmoid", -1e4, False), ("sigmoid", -1e4, True),
     ("tanh", 1e4, False), ("tanh", -1e4, True), ("tanh", 1e30, False),
 ])
-def test_extreme_scales_stay_finite(backend, device, scale, s_value, inverse):
+def test_extreme_scales_stay_finite(backend, device, scale, s_value, inverse, backward_path):
     x = torch.randn(3, 33, device=device)
     t = torch.randn(3, 33, device=device)
     s = torch.full((3, 33), s_value, device=device, requires_grad=True)

@@ -26,9 +26,12 @@ enum AffineScale : int { kAffineExp = 0, kAffineSigmoid = 1, kAffineTanh = 2 };
 constexpr float kAffineSigmoidOffset = 2.0f;
 constexpr float kAffineSigmoidEps = 1e-3f;
 
-// The factor applied to the data (m forward, 1/m inverse) and log m. exp(-log m) rather than
+// The factor applied to the data (m forward, 1/m inverse) and log m (unsigned). The row's
+// log-det is the sum of log(factor) = +-log m in either direction. exp(-log m) rather than
 // 1/exp(log m) in the inverse keeps x finite when m overflows.
-template <int MODE, bool INVERSE, typename T>
+// NEED_LOGM=false lets a caller that sums log(factor) its own way (the CPU kernel multiplies
+// factors and takes one log per group) skip the per-element log of "sigmoid".
+template <int MODE, bool INVERSE, bool NEED_LOGM = true, typename T>
 FLOWKERN_HD void affine_factor(const T& s, const T& clamp, T& factor, T& logm) {
   if constexpr (MODE == kAffineExp) {
     logm = s;
@@ -38,7 +41,7 @@ FLOWKERN_HD void affine_factor(const T& s, const T& clamp, T& factor, T& logm) {
     factor = fk_exp(INVERSE ? -logm : logm);
   } else {
     const T m = fk_sigmoid(s + T(kAffineSigmoidOffset)) + T(kAffineSigmoidEps);
-    logm = fk_log(m);
+    if constexpr (NEED_LOGM) logm = fk_log(m);
     factor = INVERSE ? T(1) / m : m;
   }
 }
@@ -62,20 +65,40 @@ FLOWKERN_HD void affine_factor_grad(const T& s, const T& clamp, T& factor, T& dl
   }
 }
 
-// One element of the transform; returns the output and writes log m (unsigned).
-template <int MODE, bool INVERSE, typename T>
-FLOWKERN_HD T affine_apply(const T& x, const T& t, const T& s, const T& clamp, T& logm) {
-  T factor;
-  affine_factor<MODE, INVERSE>(s, clamp, factor, logm);
+// One element of the transform given its factor (m forward, 1/m inverse).
+template <bool INVERSE, typename T>
+FLOWKERN_HD T affine_apply(const T& x, const T& t, const T& factor) {
   return INVERSE ? (x - t) * factor : x * factor + t;
 }
 
-// One element of the backward pass. `saved` is the forward's input or the inverse's output.
+// d(log m)/ds from the factor the forward saved (m, or 1/m going back): the CPU backward uses
+// it instead of recomputing exp/sigmoid from s, which is where a CPU spends its time.
 template <int MODE, bool INVERSE, typename T>
-FLOWKERN_HD void affine_backward(const T& g, const T& gld, const T& saved, const T& s,
+FLOWKERN_HD T affine_dlogm_from_factor(const T& factor, const T& clamp) {
+  if constexpr (MODE == kAffineExp) {
+    return T(1);
+  } else if constexpr (MODE == kAffineTanh) {
+    const T th = fk_log(factor) / clamp;  // +-tanh(s / c); its sign does not matter below
+    return T(1) - th * th;
+  } else {
+    const T m = INVERSE ? T(1) / factor : factor;
+    const T g = m - T(kAffineSigmoidEps);
+    return g * (T(1) - g) / m;
+  }
+}
+
+// One element of the backward pass. `saved` is the forward's input or the inverse's output;
+// `s_or_factor` is the raw scale s, or (FROM_FACTOR) the factor the forward saved.
+template <int MODE, bool INVERSE, bool FROM_FACTOR, typename T>
+FLOWKERN_HD void affine_backward(const T& g, const T& gld, const T& saved, const T& s_or_factor,
                                  const T& clamp, T& grad_in, T& grad_s) {
   T factor, dlogm;
-  affine_factor_grad<MODE, INVERSE>(s, clamp, factor, dlogm);
+  if constexpr (FROM_FACTOR) {
+    factor = s_or_factor;
+    dlogm = affine_dlogm_from_factor<MODE, INVERSE>(factor, clamp);
+  } else {
+    affine_factor_grad<MODE, INVERSE>(s_or_factor, clamp, factor, dlogm);
+  }
   grad_in = g * factor;
   grad_s = INVERSE ? -((g * saved + gld) * dlogm) : (g * saved * factor + gld) * dlogm;
 }

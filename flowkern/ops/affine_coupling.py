@@ -33,25 +33,32 @@ def _kernels(impl: str):
     return tk.affine_coupling_fwd, tk.affine_coupling_bwd
 
 
+# Where the forward saves the factor m (1/m going back) for the backward instead of the raw
+# scale: on the CPU, exp/log dominate and the saved factor spares the backward its
+# transcendentals; on a GPU the recompute is free and the extra tensor would cost bandwidth.
+SAVE_FACTOR_ON = {"cpu"}
+
+
 class _AffineCouplingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale_raw, logdet, mode: int, clamp: float, inverse: bool, impl: str):
         fwd, _ = _kernels(impl)
-        out, ld = fwd(x, shift, scale_raw, mode, clamp, inverse, logdet)
+        save_factor = x.device.type in SAVE_FACTOR_ON and any(ctx.needs_input_grad[:3])
+        out, ld, factor = fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
         # The backward needs x: the input going forward, the output going back.
-        ctx.save_for_backward(out if inverse else x, scale_raw)
-        ctx.config = (mode, clamp, inverse, impl)
+        ctx.save_for_backward(out if inverse else x, factor if save_factor else scale_raw)
+        ctx.config = (save_factor, mode, clamp, inverse, impl)
         ctx.has_logdet = logdet is not None
         return out, ld
 
     @staticmethod
     def backward(ctx, grad_out, grad_logdet):
-        saved, scale_raw = ctx.saved_tensors
-        mode, clamp, inverse, impl = ctx.config
+        saved, scale_or_factor = ctx.saved_tensors
+        is_factor, mode, clamp, inverse, impl = ctx.config
         _, bwd = _kernels(impl)
-        grad_out = grad_out.contiguous()
-        grad_logdet = grad_logdet.contiguous()  # often an expanded scalar from .sum()
-        grad_in, grad_s = bwd(grad_out, grad_logdet, saved, scale_raw, mode, clamp, inverse)
+        # Often an expanded scalar from .sum() (stride 0): the kernels take contiguous rows.
+        grad_out, grad_logdet = grad_out.contiguous(), grad_logdet.contiguous()
+        grad_in, grad_s = bwd(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse)
         grad_shift = -grad_in if inverse else grad_out
         return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None
 
@@ -85,8 +92,13 @@ def affine_coupling(
     if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         # The CPU kernels are float32/float64; half types compute in float32 and round once.
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
-    out, ld = _AffineCouplingFn.apply(x.contiguous(), shift.contiguous(), scale_raw.contiguous(), logdet,
-                                      SCALE_MODES[scale], clamp, bool(inverse), impl)
+    x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
+    mode, inverse = SCALE_MODES[scale], bool(inverse)
+    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale_raw.requires_grad
+                                    or (logdet is not None and logdet.requires_grad)):
+        out, ld = _AffineCouplingFn.apply(x, shift, scale_raw, logdet, mode, clamp, inverse, impl)
+    else:  # inference (sampling, evaluation): no autograd node, nothing saved
+        out, ld, _ = _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, False)
     return out.to(dtype), ld
 
 
@@ -95,11 +107,12 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("flowkern::affine_coupling_fwd")
-    def _fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet):
-        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype))
+    def _fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):
+        factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
+        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype)), factor
 
     @torch.library.register_fake("flowkern::affine_coupling_bwd")
-    def _bwd_fake(grad_out, grad_logdet, saved, scale_raw, mode, clamp, inverse):
+    def _bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
         return torch.empty_like(saved), torch.empty_like(saved)
 
 

@@ -1,0 +1,375 @@
+"""Triton kernels for the affine coupling transform (forward/inverse and its backward).
+
+A restatement of flowkern/reference/affine_coupling.py (the ground truth) and of
+csrc/math/affine_coupling.h, one program per batch row so that each row's
+log-determinant is reduced in registers and written once (deterministic, no atomics).
+
+With s = raw scale, t = shift, m = scale factor, c = clamp, mode 0/1/2 = exp/sigmoid/tanh:
+
+    exp:     log m = s,                   m = exp(s)         dlogm/ds = 1
+    sigmoid: sg = sigmoid(s + 2),         m = sg + 1e-3,     log m = log(m)
+                                                             dlogm/ds = sg (1 - sg) / m
+    tanh:    th = tanh(s / c),            log m = c th,      m = exp(log m)
+                                                             dlogm/ds = 1 - th^2
+
+    forward (inverse=False): out = x m + t        logdet = logdet_in + sum_row log m
+    inverse (inverse=True):  out = (x - t) / m    logdet = logdet_in - sum_row log m
+
+Backward, with g = dL/d(out), gld = dL/d(logdet) of the row (0 when absent) and `saved`
+the forward's input x or the inverse's output:
+
+    forward: grad_in = g m,     grad_s = (g saved m + gld) dlogm/ds
+    inverse: grad_in = g / m,   grad_s = -(g saved + gld) dlogm/ds
+
+grad_shift (g, or -g/m) is left to the caller, which already has both pieces.
+Arithmetic is fp32 for every input dtype (fp16/bf16 upcast on load, fp64 accepted at
+fp32 precision); the log-det is float32, or float64 for float64 inputs.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["affine_coupling_fwd", "affine_coupling_bwd"]
+
+MODE_EXP = 0
+MODE_SIGMOID = 1
+MODE_TANH = 2
+
+_MAX_BLOCK = 1024
+_MIN_BLOCK = 16
+
+
+@triton.jit
+def _tanh_parts(u):
+    """tanh(u) and 1 - tanh(u)^2, finite for every finite u (no libdevice tanh here)."""
+    a = tl.abs(u)
+    # exp of a non-positive argument never overflows, so huge |u| gives th = +-1 exactly
+    # instead of inf/inf = NaN.
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    # 1 - th^2 written without the subtraction, which would cancel to a few correct bits
+    # once |th| is close to 1 (the gradient would lose its relative accuracy).
+    big_d = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    # Near 0, 1 - e cancels; the odd series through u^9 is accurate to ~1e-8 relative for
+    # |u| < 0.25. The input is zeroed outside that range so the unused branch cannot overflow.
+    small = a < 0.25
+    us = tl.where(small, u, 0.0)
+    u2 = us * us
+    poly = us * (1.0 + u2 * (-0.3333333333333333 + u2 * (0.13333333333333333
+                 + u2 * (-0.05396825396825397 + u2 * 0.021869488536155203))))
+    th = tl.where(small, poly, tl.where(u < 0.0, -big, big))
+    d = tl.where(small, 1.0 - poly * poly, big_d)
+    return th, d
+
+
+@triton.jit
+def _scale_terms(s, clamp, MODE: tl.constexpr):
+    """(log m, m, 1/m, dlogm/ds) for fp32 s; unused results are dead code after compilation."""
+    if MODE == 0:
+        logm = s
+        m = tl.exp(s)
+        # exp(-s) rather than 1/exp(s): stays finite when exp(s) overflows.
+        inv_m = tl.exp(-s)
+        dlogm = tl.full(s.shape, 1.0, tl.float32)
+    elif MODE == 1:
+        a = s + 2.0
+        sg = tl.sigmoid(a)
+        # sigmoid(-a) is 1 - sg without cancellation when sg is near 1.
+        sgc = tl.sigmoid(-a)
+        m = sg + 1e-3
+        logm = tl.log(m)
+        inv_m = 1.0 / m
+        dlogm = sg * sgc / m
+    else:
+        th, dth = _tanh_parts(s / clamp)
+        logm = clamp * th
+        m = tl.exp(logm)
+        inv_m = tl.exp(-logm)
+        dlogm = dth
+    return logm, m, inv_m, dlogm
+
+
+@triton.jit
+def _terms_from_factor(f, clamp, MODE: tl.constexpr, INVERSE: tl.constexpr):
+    """(m, 1/m, dlogm/ds) from the factor the forward saved (m, or 1/m going back)."""
+    if INVERSE:
+        inv_m = f
+        m = 1.0 / f
+    else:
+        m = f
+        inv_m = 1.0 / f
+    if MODE == 0:
+        dlogm = tl.full(f.shape, 1.0, tl.float32)
+    elif MODE == 1:
+        sg = m - 1e-3
+        dlogm = sg * (1.0 - sg) / m
+    else:
+        th = tl.log(f) / clamp  # +-tanh(s / c); the sign does not matter below
+        dlogm = 1.0 - th * th
+    return m, inv_m, dlogm
+
+
+@triton.jit
+def _affine_coupling_fwd_kernel(
+    x_ptr,  # (B, N) contiguous input; row stride is N
+    shift_ptr,  # (B, N) t, same layout as x
+    scale_ptr,  # (B, N) raw scale s, same layout as x
+    out_ptr,  # (B, N) output, x's dtype
+    factor_out_ptr,  # (B, N) saved factor (m, or 1/m going back); a dummy unless SAVE_FACTOR
+    logdet_in_ptr,  # (B,) incoming log-det; a dummy never read when HAS_LOGDET is False
+    logdet_out_ptr,  # (B,) fresh log-det output (fp32, or fp64 for fp64 inputs)
+    N,  # elements per row, which is also the row stride of the contiguous (B, N) view
+    clamp,  # runtime float so that changing it does not trigger a recompile
+    MODE: tl.constexpr,
+    INVERSE: tl.constexpr,
+    HAS_LOGDET: tl.constexpr,
+    SAVE_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 before the multiply: B * N may exceed 2^31 even when N alone does not.
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * N
+    cols = tl.arange(0, BLOCK)
+    # Per-lane partial sums, reduced once at the end: a fixed summation order per BLOCK,
+    # so the result does not depend on scheduling.
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, N, BLOCK):
+        offs = start + cols
+        mask = offs < N
+        idx = row_start + offs
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(shift_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        logm, m, inv_m, _dlogm = _scale_terms(s, clamp, MODE)
+        if INVERSE:
+            y = (x - t) * inv_m
+            factor = inv_m
+        else:
+            y = x * m + t
+            factor = m
+        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if SAVE_FACTOR:
+            tl.store(factor_out_ptr + idx, factor.to(factor_out_ptr.dtype.element_ty), mask=mask)
+        # Masked lanes hold log m of s = 0, which is not 0 for sigmoid/tanh modes.
+        acc += tl.where(mask, logm, 0.0)
+    ld = tl.sum(acc, axis=0)
+    if INVERSE:
+        ld = -ld
+    ld = ld.to(logdet_out_ptr.dtype.element_ty)
+    if HAS_LOGDET:
+        # Added in the log-det's own dtype so an fp64 running total keeps its precision.
+        ld = tl.load(logdet_in_ptr + row).to(logdet_out_ptr.dtype.element_ty) + ld
+    tl.store(logdet_out_ptr + row, ld)
+
+
+@triton.jit
+def _affine_coupling_bwd_kernel(
+    grad_out_ptr,  # (B, N) dL/d(out), contiguous; row stride is N
+    grad_logdet_ptr,  # (B,) dL/d(logdet); a dummy never read when HAS_GRAD_LOGDET is False
+    saved_ptr,  # (B, N) forward input x (forward) or inverse output (inverse)
+    scale_ptr,  # (B, N) raw scale s, or the forward's saved factor when FROM_FACTOR
+    grad_in_ptr,  # (B, N) dL/d(input), saved's dtype
+    grad_scale_ptr,  # (B, N) dL/ds, saved's dtype
+    N,  # elements per row, which is also the row stride of the contiguous (B, N) view
+    clamp,  # runtime float so that changing it does not trigger a recompile
+    MODE: tl.constexpr,
+    INVERSE: tl.constexpr,
+    HAS_GRAD_LOGDET: tl.constexpr,
+    FROM_FACTOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 before the multiply: B * N may exceed 2^31 even when N alone does not.
+    row = tl.program_id(0).to(tl.int64)
+    row_start = row * N
+    cols = tl.arange(0, BLOCK)
+    # Every element of a row feeds the same log-det, so its gradient is one scalar per row.
+    if HAS_GRAD_LOGDET:
+        gld = tl.load(grad_logdet_ptr + row).to(tl.float32)
+    else:
+        gld = 0.0
+    for start in range(0, N, BLOCK):
+        offs = start + cols
+        mask = offs < N
+        idx = row_start + offs
+        g = tl.load(grad_out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(saved_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if FROM_FACTOR:
+            m, inv_m, dlogm = _terms_from_factor(s, clamp, MODE, INVERSE)
+        else:
+            _logm, m, inv_m, dlogm = _scale_terms(s, clamp, MODE)
+        if INVERSE:
+            # d(out)/d(log m) = -out, and out is exactly what was saved.
+            gi = g * inv_m
+            gs = -(g * v + gld) * dlogm
+        else:
+            gi = g * m
+            gs = (g * v * m + gld) * dlogm
+        tl.store(grad_in_ptr + idx, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_scale_ptr + idx, gs.to(grad_scale_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_cols(x: Tensor) -> Tuple[int, int]:
+    # With B == 0 there is no row to divide by; the per-row size still follows the shape.
+    rows = x.shape[0]
+    cols = 1
+    for d in x.shape[1:]:
+        cols *= d
+    return rows, cols
+
+
+def _block_for(cols: int) -> Tuple[int, int]:
+    block = max(_MIN_BLOCK, min(triton.next_power_of_2(max(cols, 1)), _MAX_BLOCK))
+    # One warp covers 32 lanes; more warps than BLOCK/128 would mostly idle on short rows.
+    num_warps = 4 if block >= 512 else (2 if block >= 256 else 1)
+    return block, num_warps
+
+
+def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@triton_op("flowkern::affine_coupling_fwd_triton", mutates_args=())
+def _affine_coupling_fwd_op(
+    x: Tensor,
+    shift: Tensor,
+    scale_raw: Tensor,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+    logdet: Optional[Tensor],
+    save_factor: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    rows, cols = _rows_cols(x)
+    ld_dtype = _logdet_dtype(x.dtype)
+    out = torch.empty_like(x)
+    factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
+    logdet_out = torch.empty((rows,), dtype=ld_dtype, device=x.device)
+    if rows == 0:
+        return out, logdet_out, factor
+    if cols == 0:
+        # Nothing to transform and an empty sum; also keeps zero-size buffers away from
+        # the launcher, which may reject their null data pointers.
+        if logdet is None:
+            logdet_out.zero_()
+        else:
+            logdet_out.copy_(logdet)
+        return out, logdet_out, factor
+    block, num_warps = _block_for(cols)
+    wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
+        x,
+        shift,
+        scale_raw,
+        out,
+        factor if save_factor else out,
+        logdet if logdet is not None else logdet_out,
+        logdet_out,
+        cols,
+        float(clamp),
+        MODE=int(mode),
+        INVERSE=bool(inverse),
+        HAS_LOGDET=logdet is not None,
+        SAVE_FACTOR=bool(save_factor),
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out, logdet_out, factor
+
+
+@triton_op("flowkern::affine_coupling_bwd_triton", mutates_args=())
+def _affine_coupling_bwd_op(
+    grad_out: Tensor,
+    grad_logdet: Optional[Tensor],
+    saved: Tensor,
+    scale_or_factor: Tensor,
+    is_factor: bool,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+) -> Tuple[Tensor, Tensor]:
+    rows, cols = _rows_cols(saved)
+    grad_in = torch.empty_like(saved)
+    grad_scale = torch.empty_like(saved)
+    if rows == 0 or cols == 0:
+        return grad_in, grad_scale
+    block, num_warps = _block_for(cols)
+    wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
+        grad_out,
+        grad_logdet if grad_logdet is not None else grad_out,
+        saved,
+        scale_or_factor,
+        grad_in,
+        grad_scale,
+        cols,
+        float(clamp),
+        MODE=int(mode),
+        INVERSE=bool(inverse),
+        HAS_GRAD_LOGDET=grad_logdet is not None,
+        FROM_FACTOR=bool(is_factor),
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return grad_in, grad_scale
+
+
+def _kernels_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(_affine_coupling_fwd_kernel, InterpretedFunction)
+
+
+# triton_op uses the op body itself as the fake (meta) kernel: on a GPU, wrap_triton turns
+# the launch into a traceable higher-order op that does nothing on fake tensors. Under
+# TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel unchanged, which then
+# tries to read the fake tensors' data and fails, so FakeTensor/meta propagation (opcheck,
+# torch.compile's shape pass) needs a shape-only fake. torch.compile still cannot trace
+# the interpreted kernels (it decomposes the body into them); that needs a real GPU.
+if _kernels_interpreted():
+
+    @_affine_coupling_fwd_op.register_fake
+    def _affine_coupling_fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):
+        factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
+        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_logdet_dtype(x.dtype)), factor
+
+    @_affine_coupling_bwd_op.register_fake
+    def _affine_coupling_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
+        return torch.empty_like(saved), torch.empty_like(saved)
+
+
+def affine_coupling_fwd(
+    x: Tensor,
+    shift: Tensor,
+    scale_raw: Tensor,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+    logdet: Optional[Tensor],
+    save_factor: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out like x, logdet of shape (B,), float32 or float64 for float64 x, factor:
+    m or 1/m like x when save_factor, else empty)."""
+    return torch.ops.flowkern.affine_coupling_fwd_triton(
+        x, shift, scale_raw, int(mode), float(clamp), bool(inverse), logdet, bool(save_factor)
+    )
+
+
+def affine_coupling_bwd(
+    grad_out: Tensor,
+    grad_logdet: Optional[Tensor],
+    saved: Tensor,
+    scale_or_factor: Tensor,
+    is_factor: bool,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Returns (grad_in, grad_scale_raw), both like `saved`; grad_shift is the caller's."""
+    return torch.ops.flowkern.affine_coupling_bwd_triton(
+        grad_out, grad_logdet, saved, scale_or_factor, bool(is_factor), int(mode), float(clamp), bool(inverse)
+    )
