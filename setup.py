@@ -59,7 +59,7 @@ def extensions():
         raise RuntimeError("FLOWKERN_CUDA=1 but no nvcc (CUDA_HOME) or no CUDA build of torch was found")
     with_cuda = cuda_possible if want_cuda is None else want_cuda
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/registration.cpp"]
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", *CPU_FLAGS[capability]]
     args = dict(name="flowkern._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_link_args=["-fopenmp"], py_limited_api=False)

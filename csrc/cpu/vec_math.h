@@ -15,6 +15,23 @@ inline at::vec::Vectorized<T> fk_log(const at::vec::Vectorized<T>& x) { return x
 template <typename T>
 inline at::vec::Vectorized<T> fk_tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
 
+// float tanh without Sleef's tanh, which costs about four exps here: (1 - e) / (1 + e) with
+// e = exp(-2|u|) (never overflows; exactly +-1 for large |u|), and for |u| < 1/4, where 1 - e
+// cancels, the odd Taylor series through u^9 (relative error below 1e-8 there).
+template <>
+inline at::vec::Vectorized<float> fk_tanh(const at::vec::Vectorized<float>& x) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec a = x.abs();
+  const Vec e = (a * Vec(-2.0f)).exp();
+  const Vec big = (Vec(1.0f) - e) / (Vec(1.0f) + e);
+  const Vec u2 = x * x;
+  Vec poly = at::vec::fmadd(u2, Vec(0.021869488536155203f), Vec(-0.05396825396825397f));
+  poly = at::vec::fmadd(u2, poly, Vec(0.13333333333333333f));
+  poly = at::vec::fmadd(u2, poly, Vec(-0.3333333333333333f));
+  poly = at::vec::fmadd(u2, poly, Vec(1.0f)) * a;
+  return Vec::blendv(big, poly, a < Vec(0.25f)).copysign(x);
+}
+
 }  // namespace math
 }  // namespace flowkern
 

@@ -1,0 +1,1 @@
+"""flowkern's benchmark suite: `python -m benchmarks` (what `make bench` runs)."""

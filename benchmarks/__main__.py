@@ -1,0 +1,50 @@
+"""python -m benchmarks [--quick | --full] [--device cpu|cuda] [--only NAME]
+
+Runs the suites, prints Markdown tables, and writes benchmarks/results/<device>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from . import kernels, training
+from .common import describe_machine, machine, write_results
+
+SUITES = {
+    "affine_coupling": kernels.affine_coupling_suite,
+    "realnvp_train": training.realnvp_train_suite,
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sizes, short timings (default)")
+    mode.add_argument("--full", action="store_true", help="every size and scale, longer timings")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--only", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
+    p.add_argument("--name", default=None, help="results file stem (default: the device)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    quick = not args.full
+    budget = 0.3 if quick else 1.0
+    info = machine(args.device)
+    print(f"# flowkern benchmarks ({'quick' if quick else 'full'}) on {describe_machine(info)}\n", flush=True)
+    rows, tables = [], []
+    for name in args.only or SUITES:
+        t0 = time.perf_counter()
+        r, table = SUITES[name](args.device, quick, budget)
+        rows += r
+        tables.append(table)
+        print(table + f"\n\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+    json_path, md_path = write_results(args.name or args.device, info, rows, tables)
+    print(f"results: {json_path}, {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Timing, machine description and result files shared by the benchmark suites.
+
+Every comparison is made inside one run on one machine: implementations are timed
+back to back on the same inputs and reported as medians and ratios, never against a number
+from another run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], device: str = "cpu", budget_s: float = 0.3,
+                min_reps: int = 5, max_reps: int = 2000) -> float:
+    """Median seconds per call of fn, after warm-up, over as many calls as fit in budget_s."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = int(min(max_reps, max(min_reps, budget_s / once)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict:
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+@dataclass
+class Row:
+    """One measured configuration of one implementation."""
+    suite: str
+    case: str
+    impl: str
+    median_us: float
+    extra: dict = field(default_factory=dict)
+
+
+def describe_machine(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['cpu_capability']})"
+    return f"{where}; torch {info['torch']}, triton {info.get('triton')}; {info['date']}"
+
+
+def write_results(name: str, info: dict, rows: list, tables: list[str]) -> tuple[str, str]:
+    """JSON (machine + every row) and Markdown (the tables) under benchmarks/results/."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    json_path = os.path.join(RESULTS_DIR, f"{name}.json")
+    md_path = os.path.join(RESULTS_DIR, f"{name}.md")
+    with open(json_path + ".tmp", "w") as f:
+        json.dump({"machine": info, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+    with open(md_path, "w") as f:
+        f.write(f"Machine: {describe_machine(info)}\n\n" + "\n\n".join(tables) + "\n")
+    return json_path, md_path
+
+
+def markdown_table(header: list[str], body: list[list[object]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def compiled(fn: Callable, **kwargs) -> Optional[Callable]:
+    """torch.compile(fn), or None where inductor cannot build here (no C++ compiler, say)."""
+    try:
+        return torch.compile(fn, **kwargs)
+    except Exception:  # noqa: BLE001 - an unusable compiler is a missing column, not a crash
+        return None
