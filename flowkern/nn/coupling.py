@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..reference.affine_coupling import SCALES
+from ..reference.affine_coupling import SCALES, identity_scale_raw
 from ..ops import _checks
 from .flow import FlowLayer
 
@@ -42,8 +42,8 @@ def coupling_mask(features: int, mask: Union[str, torch.Tensor] = "alternate", f
 
 
 class MLP(nn.Sequential):
-    """in -> hidden -> hidden -> out with ReLU; the last layer starts at zero so the coupling
-    starts as the identity."""
+    """in -> hidden -> hidden -> out with ReLU; the last layer starts at zero (couplings set
+    its bias so that they start as the identity)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__(
@@ -119,6 +119,10 @@ class AffineCoupling(_Coupling):
         _checks.choice("scale", scale, SCALES)
         super().__init__(features, hidden, 2, mask, flip, context)
         self.scale, self.clamp = scale, _checks.positive("clamp", clamp)
+        # Conditioner outputs are [shift | raw scale]; with zero weights, start the raw scale
+        # where m = 1, so a new layer is exactly the identity for every scale function.
+        with torch.no_grad():
+            self.conditioner[-1].bias.view(2, -1)[1].fill_(identity_scale_raw(scale))
 
     def _transform(self, x, context, logdet, inverse):
         kept, moved, params = self._split(x, context)

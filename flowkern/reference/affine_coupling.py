@@ -13,6 +13,7 @@ PyTorch's autograd of these few lines.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +23,14 @@ from ._common import row_sum
 SCALES = ("exp", "sigmoid", "tanh")
 SIGMOID_OFFSET = 2.0
 SIGMOID_EPS = 1e-3
+
+
+def identity_scale_raw(scale: str) -> float:
+    """The raw scale s at which m = 1 (the identity): 0 for "exp"/"tanh", and for "sigmoid"
+    the s with sigmoid(s + 2) + 1e-3 = 1, i.e. logit(1 - 1e-3) - 2."""
+    if scale == "sigmoid":
+        return math.log((1.0 - SIGMOID_EPS) / SIGMOID_EPS) - SIGMOID_OFFSET
+    return 0.0
 
 
 def log_scale_ref(scale_raw: torch.Tensor, scale: str, clamp: float) -> torch.Tensor:
