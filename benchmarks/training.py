@@ -53,7 +53,7 @@ def realnvp_train_suite(device: str, quick: bool, budget_s: float) -> tuple[list
         with flowkern.backend(backend):
             step()  # compile / warm up outside the timing
             sec = median_time(step, device, budget_s * 6, min_reps=5, max_reps=50)
-            loss = float(step())
+            loss = float(step().detach())
         if not math.isfinite(loss):
             raise RuntimeError(f"{name}: non-finite loss {loss}")
         times[name] = sec

@@ -248,3 +248,26 @@ def test_auto_uses_compiled_op_when_built():
     with flowkern.backend("auto"):
         y, _ = affine_coupling(x, t, s.requires_grad_())
     assert type(y.grad_fn).__name__.startswith("_AffineCouplingFnBackward")
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", SCALES)
+def test_half_types_on_gpu(backend, device, dtype, scale):
+    """fp16/bf16 on a GPU: loaded, computed in fp32, stored once; logdet float32."""
+    if device != "cuda":
+        pytest.skip("half-precision kernels are GPU-only (the CPU path upcasts; see the test above)")
+    x, t, s = make_inputs((8, 300), dtype=dtype, device=device)
+    ld_in = torch.randn(8, device=device)
+    w_out = torch.randn(8, 300, dtype=torch.float64, device=device)
+    w_ld = torch.randn(8, dtype=torch.float64, device=device)
+    ref64 = run(affine_coupling_ref, x.double(), t.double(), s.double(), ld_in.double(), w_out, w_ld, scale=scale)
+    reflp = run(affine_coupling_ref, x, t, s, ld_in, w_out, w_ld, scale=scale)
+    with flowkern.backend(backend):
+        got = run(affine_coupling, x, t, s, ld_in, w_out, w_ld, scale=scale)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    atol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert_close_2x("out", got[0], ref64[0], reflp[0], atol=atol)
+    assert_close_2x("logdet", got[1], ref64[1], reflp[1], atol=atol * 10)
+    for name, a, b, c in zip(["grad_x", "grad_shift", "grad_scale_raw"], got[2], ref64[2], reflp[2]):
+        assert_close_2x(name, a, b, c, atol=atol)

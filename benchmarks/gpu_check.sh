@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU check (make gpu-check): on a machine with CUDA, build the extension with its CUDA kernels,
+# run the GPU tests (every backend against the reference on the GPU, fp32/fp16/bf16) and the
+# benchmarks, and put every log and result in one folder: $OUT if set, else gpu-check/.
+# Uses the machine's own python3/torch (no venv, no network): pip builds offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-check}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+status=0
+{
+    nvidia-smi || true
+    "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$out/machine.txt" 2>&1
+
+echo "== build" | tee "$out/summary.txt"
+start=$(date +%s)
+if ! FLOWKERN_CUDA=1 "$py" -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
+    echo "build FAILED (see build.log)" | tee -a "$out/summary.txt"; tail -30 "$out/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/summary.txt"
+
+echo "== GPU tests" | tee -a "$out/summary.txt"
+timeout 240 "$py" -m pytest tests -q -x -p no:cacheprovider > "$out/tests.log" 2>&1 || status=1
+tail -3 "$out/tests.log" | tee -a "$out/summary.txt"
+
+echo "== benchmarks" | tee -a "$out/summary.txt"
+timeout 240 "$py" -m benchmarks --quick --device cuda --name cuda > "$out/bench.log" 2>&1 || status=1
+cp benchmarks/results/cuda.json benchmarks/results/cuda.md "$out/" 2>/dev/null || true
+grep "|" "$out/bench.log" | head -60 | tee -a "$out/summary.txt"
+exit $status
