@@ -7,7 +7,10 @@ import sys
 import tempfile
 
 import torch
-from torch.utils import cpp_extension
+
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # as setup.py: `which nvcc` may be a wrapper
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")

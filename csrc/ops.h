@@ -51,25 +51,22 @@ void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
   else with_inv(std::integral_constant<int, 2>{});
 }
 
+// The launchers each device provides (csrc/cpu, csrc/cuda), with the schemas' signatures.
+#define FLOWKERN_DECLARE_LAUNCHERS                                                                     \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(                                  \
+      const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale_raw, int64_t mode,         \
+      double clamp, bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor);          \
+  std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(                                              \
+      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved, \
+      const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse);
+
 namespace cpu {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale_raw, int64_t mode, double clamp,
-    bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor);
-std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_out,
-                                                       const std::optional<at::Tensor>& grad_logdet,
-                                                       const at::Tensor& saved, const at::Tensor& scale_or_factor,
-                                                       bool is_factor, int64_t mode, double clamp, bool inverse);
+FLOWKERN_DECLARE_LAUNCHERS
 }  // namespace cpu
 
 #ifdef FLOWKERN_WITH_CUDA
 namespace cuda {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
-    const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale_raw, int64_t mode, double clamp,
-    bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor);
-std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_out,
-                                                       const std::optional<at::Tensor>& grad_logdet,
-                                                       const at::Tensor& saved, const at::Tensor& scale_or_factor,
-                                                       bool is_factor, int64_t mode, double clamp, bool inverse);
+FLOWKERN_DECLARE_LAUNCHERS
 }  // namespace cuda
 #endif
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from .._backend import resolve
 from ..reference.affine_coupling import SCALES, affine_coupling_ref
 from . import _checks
+from ._vmap import register_row_vmap
 
 SCALE_MODES = {name: i for i, name in enumerate(SCALES)}  # the kernels' mode numbers
 
@@ -40,19 +42,29 @@ SAVE_FACTOR_ON = {"cpu"}
 
 
 class _AffineCouplingFn(torch.autograd.Function):
+    """Autograd over the compiled and Triton kernels. forward/setup_context are split (and the
+    saved factor is an output) so that torch.func transforms (jacrev, vmap) work too."""
+
+    generate_vmap_rule = True  # vmap reaches the kernel ops, whose rules are in _vmap.py
+
     @staticmethod
-    def forward(ctx, x, shift, scale_raw, logdet, mode: int, clamp: float, inverse: bool, impl: str):
+    def forward(x, shift, scale_raw, logdet, mode: int, clamp: float, inverse: bool, impl: str, save_factor: bool):
         fwd, _ = _kernels(impl)
-        save_factor = x.device.type in SAVE_FACTOR_ON and any(ctx.needs_input_grad[:3])
-        out, ld, factor = fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
+        return fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, scale_raw, logdet, mode, clamp, inverse, impl, save_factor = inputs
+        out, _, factor = output
+        ctx.mark_non_differentiable(factor)
         # The backward needs x: the input going forward, the output going back.
         ctx.save_for_backward(out if inverse else x, factor if save_factor else scale_raw)
         ctx.config = (save_factor, mode, clamp, inverse, impl)
         ctx.has_logdet = logdet is not None
-        return out, ld
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logdet):
+    @once_differentiable  # the backward kernels have no derivative: double backward raises, never lies
+    def backward(ctx, grad_out, grad_logdet, _grad_factor):
         saved, scale_or_factor = ctx.saved_tensors
         is_factor, mode, clamp, inverse, impl = ctx.config
         _, bwd = _kernels(impl)
@@ -60,7 +72,7 @@ class _AffineCouplingFn(torch.autograd.Function):
         grad_out, grad_logdet = grad_out.contiguous(), grad_logdet.contiguous()
         grad_in, grad_s = bwd(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse)
         grad_shift = -grad_in if inverse else grad_out
-        return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None
+        return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
 
 
 def affine_coupling(
@@ -94,17 +106,30 @@ def affine_coupling(
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
     x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
     mode, inverse = SCALE_MODES[scale], bool(inverse)
-    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale_raw.requires_grad
-                                    or (logdet is not None and logdet.requires_grad)):
-        out, ld = _AffineCouplingFn.apply(x, shift, scale_raw, logdet, mode, clamp, inverse, impl)
+    # torch.func transforms wrap tensors so that requires_grad says nothing: always go through
+    # the autograd.Function under them.
+    under_functorch = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+    if under_functorch or (torch.is_grad_enabled() and (
+            x.requires_grad or shift.requires_grad or scale_raw.requires_grad
+            or (logdet is not None and logdet.requires_grad))):
+        save_factor = x.device.type in SAVE_FACTOR_ON
+        out, ld, _ = _AffineCouplingFn.apply(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
     else:  # inference (sampling, evaluation): no autograd node, nothing saved
         out, ld, _ = _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, False)
     return out.to(dtype), ld
 
 
+# Positions of the tensor arguments of the fwd / bwd kernel ops (both the compiled and the
+# Triton ones share these schemas), for their vmap rules.
+FWD_TENSOR_ARGS = (0, 1, 2, 6)
+BWD_TENSOR_ARGS = (0, 1, 2, 3)
+
+
 def _register_fakes() -> None:
     if not _ext.available():
         return
+    register_row_vmap("flowkern::affine_coupling_fwd", FWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::affine_coupling_bwd", BWD_TENSOR_ARGS)
 
     @torch.library.register_fake("flowkern::affine_coupling_fwd")
     def _fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):

@@ -33,6 +33,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..ops._vmap import register_row_vmap
+from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
+
 __all__ = ["affine_coupling_fwd", "affine_coupling_bwd"]
 
 MODE_EXP = 0
@@ -340,6 +343,10 @@ if _kernels_interpreted():
     @_affine_coupling_bwd_op.register_fake
     def _affine_coupling_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
         return torch.empty_like(saved), torch.empty_like(saved)
+
+
+register_row_vmap("flowkern::affine_coupling_fwd_triton", FWD_TENSOR_ARGS)
+register_row_vmap("flowkern::affine_coupling_bwd_triton", BWD_TENSOR_ARGS)
 
 
 def affine_coupling_fwd(
