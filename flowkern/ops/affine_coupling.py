@@ -41,22 +41,18 @@ def _kernels(impl: str):
 SAVE_FACTOR_ON = {"cpu"}
 
 
-class _AffineCouplingFn(torch.autograd.Function):
-    """Autograd over the compiled and Triton kernels. forward/setup_context are split (and the
-    saved factor is an output) so that torch.func transforms (jacrev, vmap) work too."""
+def _forward(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor):
+    fwd, _ = _kernels(impl)
+    return fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
 
-    generate_vmap_rule = True  # vmap reaches the kernel ops, whose rules are in _vmap.py
 
-    @staticmethod
-    def forward(x, shift, scale_raw, logdet, mode: int, clamp: float, inverse: bool, impl: str, save_factor: bool):
-        fwd, _ = _kernels(impl)
-        return fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
+class _AffineCouplingBase(torch.autograd.Function):
+    """Autograd over the compiled and Triton kernels: what is saved, and the backward."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def _save(ctx, inputs, out, factor):
         x, _, scale_raw, logdet, mode, clamp, inverse, impl, save_factor = inputs
-        out, _, factor = output
-        ctx.mark_non_differentiable(factor)
+        ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
         # The backward needs x: the input going forward, the output going back.
         ctx.save_for_backward(out if inverse else x, factor if save_factor else scale_raw)
         ctx.config = (save_factor, mode, clamp, inverse, impl)
@@ -64,15 +60,43 @@ class _AffineCouplingFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the backward kernels have no derivative: double backward raises, never lies
-    def backward(ctx, grad_out, grad_logdet, _grad_factor):
+    def backward(ctx, grad_out, grad_logdet, *_grad_factor):
         saved, scale_or_factor = ctx.saved_tensors
         is_factor, mode, clamp, inverse, impl = ctx.config
         _, bwd = _kernels(impl)
         # Often an expanded scalar from .sum() (stride 0): the kernels take contiguous rows.
-        grad_out, grad_logdet = grad_out.contiguous(), grad_logdet.contiguous()
+        grad_out = torch.zeros_like(saved) if grad_out is None else grad_out.contiguous()
+        grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
         grad_in, grad_s = bwd(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse)
         grad_shift = -grad_in if inverse else grad_out
         return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
+
+
+class _AffineCouplingFn(_AffineCouplingBase):
+    """The everyday path. Old-style (ctx in forward): a setup_context Function binds its
+    arguments with inspect.signature on every call, ~30 us, as much as the kernel itself."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, ld, factor = _forward(*inputs)
+        _AffineCouplingBase._save(ctx, inputs, out, factor)
+        return out, ld
+
+
+class _AffineCouplingFuncFn(_AffineCouplingBase):
+    """The same under torch.func transforms (jacrev, vmap, grad), which need setup_context."""
+
+    generate_vmap_rule = True  # vmap reaches the kernel ops, whose rules are in _vmap.py
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        out, _, factor = output
+        ctx.mark_non_differentiable(factor)
+        _AffineCouplingBase._save(ctx, inputs, out, factor)
 
 
 def affine_coupling(
@@ -108,12 +132,13 @@ def affine_coupling(
     mode, inverse = SCALE_MODES[scale], bool(inverse)
     # torch.func transforms wrap tensors so that requires_grad says nothing: always go through
     # the autograd.Function under them.
-    under_functorch = not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
-    if under_functorch or (torch.is_grad_enabled() and (
-            x.requires_grad or shift.requires_grad or scale_raw.requires_grad
-            or (logdet is not None and logdet.requires_grad))):
-        save_factor = x.device.type in SAVE_FACTOR_ON
-        out, ld, _ = _AffineCouplingFn.apply(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
+    save_factor = x.device.type in SAVE_FACTOR_ON
+    args = (x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        out, ld, _ = _AffineCouplingFuncFn.apply(*args)
+    elif torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale_raw.requires_grad
+                                      or (logdet is not None and logdet.requires_grad)):
+        out, ld = _AffineCouplingFn.apply(*args)
     else:  # inference (sampling, evaluation): no autograd node, nothing saved
         out, ld, _ = _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, False)
     return out.to(dtype), ld
