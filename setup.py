@@ -5,7 +5,7 @@ Environment knobs:
   FLOWKERN_CUDA=0 / =1         skip / force the CUDA kernels (default: built when nvcc and a CUDA torch exist)
   FLOWKERN_CPU_CAPABILITY=X    vector ISA of the CPU kernels: AVX512, AVX2 or DEFAULT
                                (default: what torch reports for this machine)
-  TORCH_CUDA_ARCH_LIST         GPU architectures (default: this machine's GPU, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST         GPU architectures (default: this machine's GPU, else "8.0;9.0+PTX")
 
 The CPU kernels are compiled for the build machine's vector ISA; flowkern/_build_info.py
 records which, and flowkern refuses to load an extension this CPU cannot run (it falls back
@@ -65,11 +65,13 @@ def extensions():
                 extra_link_args=["-fopenmp"], py_limited_api=False)
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT it
         args["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
         args["extra_compile_args"] = {
             "cxx": cxx + ["-DFLOWKERN_WITH_CUDA"],
-            "nvcc": ["-O3", "--use_fast_math", "-DFLOWKERN_WITH_CUDA", "-Xcompiler", "-fno-math-errno"],
+            # No --use_fast_math: it turns tanhf/expf/logf into ~1e-3-accurate approximations,
+            # and these kernels are bound by memory, not arithmetic.
+            "nvcc": ["-O3", "-DFLOWKERN_WITH_CUDA", "-Xcompiler", "-fno-math-errno"],
         }
         ext = cpp_extension.CUDAExtension(**args)
     else:

@@ -296,3 +296,53 @@ def test_double_backward_raises_instead_of_lying(backend, device):
         (gs,) = torch.autograd.grad((y ** 2).sum() + ld.sum(), s, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gs.sum().backward()
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_func_grad_with_respect_to_scale_only(backend, device):
+    """torch.func over the conditioner's outputs while x is plain data (functional_call style)."""
+    x, t, s = make_inputs((3, 4), device=device)
+    loss = lambda s_: affine_coupling(x, t, s_, scale="sigmoid")[1].sum() + affine_coupling(x, t, s_)[0].sum()
+    with flowkern.backend("reference"):
+        expected = torch.func.grad(loss)(s)
+    with flowkern.backend(backend):
+        got = torch.func.grad(loss)(s)
+        per_sample = torch.func.vmap(torch.func.grad(loss))(s.expand(2, 3, 4))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_sample[1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_forward_mode_ad_raises_instead_of_dropping_tangents(backend, device):
+    x, t, s = make_inputs((3, 4), device=device)
+    with flowkern.backend(backend), pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(lambda s_: affine_coupling(x, t, s_)[1], (s,), (torch.ones_like(s),))
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+def test_tanh_with_a_clamp_beyond_float_range(backend, device, inverse):
+    """clamp 120: the factor exp(-120) underflows float32 to 0 (the output is still finite, so
+    must the log-det and its gradient be)."""
+    x, t = make_inputs((2, 5), device=device)[:2]
+    sign = 1.0 if inverse else -1.0  # the direction in which the factor shrinks
+    s = torch.tensor([[1e4, 3e3, 1e3, -3.0, 0.5]] * 2, device=device) * sign
+    s.requires_grad_()
+    with flowkern.backend(backend):
+        y, ld = affine_coupling(x, t, s, scale="tanh", clamp=120.0, inverse=inverse)
+        (gs,) = torch.autograd.grad(ld.sum(), s)
+    assert torch.isfinite(y).all()
+    s_ref = s.detach().double().requires_grad_()
+    _, ld_ref = affine_coupling_ref(x.double(), t.double(), s_ref, scale="tanh", clamp=120.0, inverse=inverse)
+    (gs_ref,) = torch.autograd.grad(ld_ref.sum(), s_ref)
+    torch.testing.assert_close(ld.double(), ld_ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gs.double(), gs_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_refuses_float64():
+    if "triton" not in flowkern.available_backends():
+        pytest.skip("triton not available")
+    x, t, s = make_inputs((2, 3), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    with flowkern.backend("triton"), pytest.raises(TypeError, match="compute in float32"):
+        affine_coupling(x, t, s)

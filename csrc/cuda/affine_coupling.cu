@@ -22,6 +22,14 @@ using namespace flowkern::math;
 
 constexpr int kThreads = 256;
 
+int64_t multiprocessor_count(int device) {
+  static int cached[64] = {0};  // per device; a benign race writes the same value
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  return cached[device];
+}
+
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t v) {
   __shared__ acc_t warp_sums[kThreads / 32];
@@ -83,6 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale_raw, int64_t mode, double clamp,
     bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor) {
   check_affine_inputs(x, shift, scale_raw, logdet);
+  TORCH_CHECK(!save_factor || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "flowkern: save_factor needs float32/float64 (a half-precision factor would cost the "
+              "backward three digits); recompute from the raw scale instead");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -119,9 +130,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_ou
   auto grad_in = at::empty_like(saved);
   auto grad_s = at::empty_like(saved);
   if (numel == 0) return {grad_in, grad_s};
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, saved.get_device()));
-  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
+  const int64_t sms = multiprocessor_count(saved.get_device());
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, sms * 32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "flowkern_affine_coupling_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

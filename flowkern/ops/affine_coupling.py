@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _ext
-from .._backend import resolve
+from .._backend import get_backend, resolve
 from ..reference.affine_coupling import SCALES, affine_coupling_ref
 from . import _checks
 from ._vmap import register_row_vmap
@@ -99,6 +99,14 @@ class _AffineCouplingFuncFn(_AffineCouplingBase):
         _AffineCouplingBase._save(ctx, inputs, out, factor)
 
 
+def _under_functorch_or_forward_ad(*tensors) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def affine_coupling(
     x: torch.Tensor,
     shift: torch.Tensor,
@@ -128,13 +136,21 @@ def affine_coupling(
     if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         # The CPU kernels are float32/float64; half types compute in float32 and round once.
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
+    if impl == "triton" and dtype == torch.float64:
+        # The Triton kernels compute in float32: never hand them float64 silently.
+        if get_backend() == "triton":
+            raise TypeError("the Triton kernels compute in float32; for float64 x use backend 'cpu', 'cuda' "
+                            "or 'reference'")
+        return affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=bool(inverse), logdet=logdet)
     x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
     mode, inverse = SCALE_MODES[scale], bool(inverse)
-    # torch.func transforms wrap tensors so that requires_grad says nothing: always go through
-    # the autograd.Function under them.
-    save_factor = x.device.type in SAVE_FACTOR_ON
+    # A saved tanh factor exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward
+    # takes log(factor): there, recompute from s.
+    save_factor = x.device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
     args = (x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+    if _under_functorch_or_forward_ad(x, shift, scale_raw, logdet):
+        # torch.func wraps tensors so that requires_grad says nothing; forward AD has no jvp
+        # here and must raise rather than drop the tangents.
         out, ld, _ = _AffineCouplingFuncFn.apply(*args)
     elif torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale_raw.requires_grad
                                       or (logdet is not None and logdet.requires_grad)):
