@@ -11,15 +11,7 @@ from flowkern.models import RealNVP
 from flowkern.nn import AffineCoupling, Flow, StandardNormal, coupling_mask
 
 from conftest import kernel_backends
-
-
-def perturb_(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Random non-zero weights everywhere (a fresh coupling is the identity, which tests little)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return module
+from layer_checks import check_batch_sizes, check_logdet_jacobian, check_running_logdet, perturb_
 
 
 @pytest.mark.parametrize("scale", ["sigmoid", "exp", "tanh"])
@@ -52,10 +44,10 @@ def test_coupling_round_trip_and_mask(mask, flip, context):
 @pytest.mark.parametrize("scale", ["sigmoid", "exp", "tanh"])
 def test_coupling_logdet_equals_jacobian(scale):
     layer = perturb_(AffineCoupling(6, hidden=8, scale=scale, context=2)).double()
-    x, ctx = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: layer(v, ctx)[0], x).reshape(6, 6)
-    _, ld = layer(x, ctx)
-    torch.testing.assert_close(ld[0], torch.linalg.slogdet(jac).logabsdet)
+    x, ctx = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    check_logdet_jacobian(layer, x, ctx)
+    check_running_logdet(layer, x, ctx)
+    check_batch_sizes(layer.float(), (6,), context_features=2)
 
 
 def test_coupling_gradcheck_float64():
