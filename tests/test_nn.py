@@ -9,9 +9,10 @@ import torch
 import flowkern
 from flowkern.models import RealNVP
 from flowkern.nn import AffineCoupling, Flow, StandardNormal, coupling_mask
+from flowkern.nn.coupling import AdditiveCoupling, ConvAffineCoupling
 
 from conftest import kernel_backends
-from layer_checks import check_batch_sizes, check_logdet_jacobian, check_running_logdet, perturb_
+from layer_checks import check_batch_sizes, check_logdet_jacobian, check_round_trip, check_running_logdet, perturb_
 
 
 @pytest.mark.parametrize("scale", ["sigmoid", "exp", "tanh"])
@@ -48,6 +49,32 @@ def test_coupling_logdet_equals_jacobian(scale):
     check_logdet_jacobian(layer, x, ctx)
     check_running_logdet(layer, x, ctx)
     check_batch_sizes(layer.float(), (6,), context_features=2)
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_conv_coupling(context):
+    layer = ConvAffineCoupling(4, hidden=6, context=context)
+    x = torch.randn(3, 4, 5, 6)
+    ctx = torch.randn(3, context) if context else None
+    y, ld = layer(x, ctx)
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-6)  # identity at initialisation
+    perturb_(layer, scale=0.2)
+    y, ld = check_round_trip(layer, x, ctx)
+    assert torch.equal(y[:, :2], x[:, :2]) and not torch.allclose(y[:, 2:], x[:, 2:])
+    check_logdet_jacobian(layer, torch.randn(2, 4, 2, 3, dtype=torch.float64),
+                          None if ctx is None else torch.randn(2, context, dtype=torch.float64))
+    check_batch_sizes(layer.float(), (4, 3, 3), context_features=context)
+    with pytest.raises(ValueError, match=r"shape \(batch, 4, height, width\)"):
+        layer(torch.randn(3, 4, 5), ctx)
+
+
+def test_additive_coupling_preserves_volume():
+    layer = perturb_(AdditiveCoupling(5, hidden=8, context=1))
+    x, ctx = torch.randn(4, 5), torch.randn(4, 1)
+    y, ld = check_round_trip(layer, x, ctx)
+    assert torch.equal(ld, torch.zeros(4)) and not torch.allclose(y, x)
+    check_logdet_jacobian(layer, torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 1, dtype=torch.float64))
+    check_running_logdet(layer.float(), x, ctx)
 
 
 def test_coupling_gradcheck_float64():

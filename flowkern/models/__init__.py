@@ -1,4 +1,5 @@
 """Ready-made flows."""
+from .glow import Glow
 from .realnvp import RealNVP
 
-__all__ = ["RealNVP"]
+__all__ = ["Glow", "RealNVP"]

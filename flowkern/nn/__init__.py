@@ -1,5 +1,6 @@
 """Invertible layers built on flowkern's fused ops, and Flow, which composes them."""
-from .coupling import MLP, AffineCoupling, coupling_mask
+from .coupling import MLP, AdditiveCoupling, AffineCoupling, ConvAffineCoupling, ConvNet, coupling_mask
 from .flow import Flow, FlowLayer, StandardNormal
 
-__all__ = ["AffineCoupling", "Flow", "FlowLayer", "MLP", "StandardNormal", "coupling_mask"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Flow", "FlowLayer", "MLP", "StandardNormal",
+           "coupling_mask"]

@@ -55,14 +55,35 @@ class MLP(nn.Sequential):
         nn.init.zeros_(self[-1].bias)
 
 
+class ConvNet(nn.Sequential):
+    """Glow's conditioner for images: 3x3 conv -> ReLU -> 1x1 conv -> ReLU -> 3x3 conv, the last
+    one zero (couplings set its bias so that they start as the identity)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+            nn.Conv2d(hidden, out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+
 class _Coupling(FlowLayer):
-    """The mask bookkeeping shared by every coupling: split, condition, merge."""
+    """What every coupling shares: the mask over dim 1 (features of (B, F), or channels of
+    (B, C, H, W) for the conv couplings), the conditioner on the kept part and the context,
+    and the merge back into the original order."""
+
+    IMAGES = False  # (B, C, H, W) input and a ConvNet conditioner, instead of (B, F) and an MLP
 
     def __init__(self, features: int, hidden: int, params_per_feature: int,
                  mask: Union[str, torch.Tensor], flip: bool, context: int):
         super().__init__()
+        what = "channels" if self.IMAGES else "features"
         if not isinstance(features, int) or features < 2:
-            raise ValueError(f"features must be an int >= 2 (one kept, one transformed), got {features!r}")
+            raise ValueError(f"{what} must be an int >= 2 (one kept, one transformed), got {features!r}")
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         if not isinstance(context, int) or context < 0:
             raise ValueError(f"context must be a non-negative int, got {context!r}")
         m = coupling_mask(features, mask, flip)
@@ -75,7 +96,8 @@ class _Coupling(FlowLayer):
         # cat([kept, moved])[:, merge_idx] restores the original feature order.
         self.register_buffer("merge_idx", torch.argsort(torch.cat([kept, moved])), persistent=False)
         self.params_per_feature = params_per_feature
-        self.conditioner = MLP(len(kept) + context, hidden, params_per_feature * len(moved))
+        net = ConvNet if self.IMAGES else MLP
+        self.conditioner = net(len(kept) + context, hidden, params_per_feature * len(moved))
 
     def _split(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         self.check_input(x)
@@ -88,8 +110,11 @@ class _Coupling(FlowLayer):
             if not isinstance(context, torch.Tensor) or context.shape != (x.shape[0], self.context_features):
                 got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
                 raise ValueError(f"context must have shape ({x.shape[0]}, {self.context_features}), got {got}")
-            h = torch.cat([kept, context.to(kept.dtype)], dim=1)
-        params = self.conditioner(h).view(x.shape[0], self.params_per_feature, len(self.moved_idx))
+            c = context.to(kept.dtype)
+            if self.IMAGES:  # a per-sample vector, broadcast over the image as extra channels
+                c = c[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            h = torch.cat([kept, c], dim=1)
+        params = self.conditioner(h).view(x.shape[0], self.params_per_feature, len(self.moved_idx), *x.shape[2:])
         return kept, moved, params
 
     def _merge(self, kept: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
@@ -97,8 +122,24 @@ class _Coupling(FlowLayer):
 
     def check_input(self, x: torch.Tensor) -> None:
         _checks.tensor("x", x, min_dim=2)
-        if x.dim() != 2 or x.shape[1] != self.features:
+        if self.IMAGES:
+            if x.dim() != 4 or x.shape[1] != self.features:
+                raise ValueError(f"x must have shape (batch, {self.features}, height, width), got {tuple(x.shape)}")
+        elif x.dim() != 2 or x.shape[1] != self.features:
             raise ValueError(f"x must have shape (batch, {self.features}), got {tuple(x.shape)}")
+
+    def _transform(self, x, context, logdet, inverse):
+        raise NotImplementedError
+
+    def forward(self, x, context=None, logdet=None):
+        return self._transform(x, context, logdet, inverse=False)
+
+    def inverse(self, z, context=None, logdet=None):
+        return self._transform(z, context, logdet, inverse=True)
+
+    def extra_repr(self) -> str:
+        what = "channels" if self.IMAGES else "features"
+        return f"{what}={self.features}, transformed={len(self.moved_idx)}, context={self.context_features}"
 
 
 class AffineCoupling(_Coupling):
@@ -131,12 +172,32 @@ class AffineCoupling(_Coupling):
                                             inverse=inverse, logdet=logdet)
         return self._merge(kept, moved), logdet
 
-    def forward(self, x, context=None, logdet=None):
-        return self._transform(x, context, logdet, inverse=False)
-
-    def inverse(self, z, context=None, logdet=None):
-        return self._transform(z, context, logdet, inverse=True)
-
     def extra_repr(self) -> str:
-        return (f"features={self.features}, transformed={len(self.moved_idx)}, scale={self.scale!r}, "
-                f"context={self.context_features}")
+        return f"{super().extra_repr()}, scale={self.scale!r}"
+
+
+class ConvAffineCoupling(AffineCoupling):
+    """Glow's affine coupling for images (B, C, H, W): the mask splits the channels (default
+    "half"), a ConvNet conditioner predicts a shift and a scale for every transformed pixel.
+    Arguments as AffineCoupling's, with channels for features; context (B, C_ctx) is broadcast
+    over the image as extra input channels of the conditioner."""
+
+    IMAGES = True
+
+    def __init__(self, channels: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "half",
+                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0):
+        super().__init__(channels, hidden, mask, scale, context, flip=flip, clamp=clamp)
+
+
+class AdditiveCoupling(_Coupling):
+    """NICE additive coupling: y_moved = x_moved + t(x_kept), log-det 0 (volume preserving).
+    Arguments as AffineCoupling's (no scale)."""
+
+    def __init__(self, features: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "alternate",
+                 context: int = 0, *, flip: bool = False):
+        super().__init__(features, hidden, 1, mask, flip, context)
+
+    def _transform(self, x, context, logdet, inverse):
+        kept, moved, params = self._split(x, context)
+        moved, logdet = ops.additive_coupling(moved, params[:, 0], inverse=inverse, logdet=logdet)
+        return self._merge(kept, moved), logdet

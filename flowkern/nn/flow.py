@@ -94,6 +94,25 @@ class Flow(nn.Module):
         z, logdet = self(x, context)
         return self.base.log_prob(z) + logdet
 
+    def bits_per_dim(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-sample bits/dim of 8-bit data: x holds pixel values 0..255 (an integer tensor).
+
+        The flow must start with flowkern.nn.Dequantize (the models' dequantize=True), which
+        adds uniform noise and maps to [0, 1) with its log-det, so log_prob(x) is the
+        dequantized log-density on the pixel scale, and -log_prob / (D ln 2), its Theis et al.
+        bound, is the number papers report. A fresh noise draw each call: average over calls
+        (or batches) for the expectation.
+        """
+        from .preprocess import Dequantize, bits_per_dim
+
+        if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"bits_per_dim takes 8-bit pixels as an integer tensor (e.g. torch.uint8), got {got}")
+        if not isinstance(self.layers[0], Dequantize):
+            raise ValueError("bits_per_dim needs a flow whose first layer is flowkern.nn.Dequantize "
+                             "(build the model with dequantize=True)")
+        return bits_per_dim(self.log_prob(x, context), math.prod(x.shape[1:]))
+
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n samples; with context (n, C) (or (1, C), repeated), one sample per context row."""
