@@ -7,7 +7,7 @@ PIN    := torch==2.14.1 torchvision==0.29.1
 DEPS   := numpy pytest pytest-benchmark hypothesis tqdm setuptools wheel ninja
 BENCH_ARGS ?= --quick
 
-.PHONY: venv build test test-fast test-triton bench gpu-check clean
+.PHONY: venv build test test-fast bench bench-pytest gpu-check clean
 
 $(VENV)/.toolchain: Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-fast: build
 
 bench: build
 	$(VPY) -m benchmarks $(BENCH_ARGS)
+
+bench-pytest: build
+	$(VPY) -m pytest benchmarks/test_bench_kernels.py --benchmark-only -q
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

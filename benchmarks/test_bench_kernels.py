@@ -1,0 +1,56 @@
+"""pytest-benchmark suite of the kernels: `make bench-pytest` (or
+`python -m pytest benchmarks/test_bench_kernels.py --benchmark-only`).
+
+The same comparisons as `python -m benchmarks` (flowkern vs eager reference vs
+torch.compile(reference)), in pytest-benchmark's format, for its statistics, --benchmark-json
+and --benchmark-compare across commits. Never part of `make test`: no test asserts a time.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowkern
+from flowkern.ops import affine_coupling
+from flowkern.reference import affine_coupling_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NATIVE = "cuda" if DEVICE == "cuda" else "cpu"
+IMPLS = {
+    "eager": (affine_coupling_ref, "reference"),
+    "compile": (torch.compile(affine_coupling_ref, dynamic=False), "reference"),
+    "flowkern": (affine_coupling, NATIVE),
+}
+if DEVICE == "cuda":
+    IMPLS["flowkern-triton"] = (affine_coupling, "triton")
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("scale", ["sigmoid", "exp", "tanh"])
+@pytest.mark.parametrize("direction", ["fwd", "inv", "fwd+bwd"])
+@pytest.mark.parametrize("shape", [(256, 392), (256, 784)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_affine_coupling(benchmark, impl, scale, direction, shape):
+    op, backend = IMPLS[impl]
+    if backend not in flowkern.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    x, t, s = (torch.randn(shape, device=DEVICE) for _ in range(3))
+    gy, gl = torch.randn(shape, device=DEVICE), torch.randn(shape[0], device=DEVICE)
+    leaves = [a.clone().requires_grad_() for a in (x, t, s)]
+    benchmark.group = f"affine_coupling {shape[0]}x{shape[1]} {scale} {direction}"
+
+    def run():
+        if direction == "fwd+bwd":
+            y, ld = op(*leaves, scale=scale)
+            torch.autograd.grad((y, ld), leaves, (gy, gl))
+        else:
+            op(x, t, s, scale=scale, inverse=direction == "inv")
+        _sync()
+
+    with flowkern.backend(backend):
+        run()  # warm-up (and compilation) outside the timing
+        benchmark(run)
