@@ -1,6 +1,16 @@
-"""Invertible layers built on flowkern's fused ops, and Flow, which composes them."""
+"""Invertible layers built on flowkern's ops, and Flow, which composes them.
+
+Every layer maps data -> latent with forward(x, context=None, logdet=None) -> (y, logdet) and
+back with inverse(z, context=None, logdet=None) -> (x, logdet).
+"""
 from .coupling import MLP, AdditiveCoupling, AffineCoupling, ConvAffineCoupling, ConvNet, coupling_mask
 from .flow import Flow, FlowLayer, StandardNormal
+from .linear import Invertible1x1Conv, LinearLU, Permutation
+from .preprocess import Dequantize, Logit, bits_per_dim
+from .reshape import Split, Squeeze, Unsqueeze
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Flow", "FlowLayer", "MLP", "StandardNormal",
-           "coupling_mask"]
+__all__ = [
+    "AdditiveCoupling", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Dequantize", "Flow", "FlowLayer",
+    "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "Permutation", "Split", "Squeeze", "StandardNormal",
+    "Unsqueeze", "bits_per_dim", "coupling_mask",
+]

@@ -1,4 +1,7 @@
 """Pure-PyTorch definitions of every flowkern op: the ground truth the kernels are tested against."""
+from .additive_coupling import additive_coupling_ref
 from .affine_coupling import affine_coupling_ref
+from .dequantize import dequantize_logit_ref, dequantize_ref, logit_ref, quantize_ref
 
-__all__ = ["affine_coupling_ref"]
+__all__ = ["additive_coupling_ref", "affine_coupling_ref", "dequantize_logit_ref", "dequantize_ref", "logit_ref",
+           "quantize_ref"]

@@ -1,0 +1,156 @@
+"""Pure-PyTorch definitions of dequantization and the logit transform: the ground truth.
+
+The convention (Theis et al. 2016, "A note on the evaluation of generative models"):
+pixels x in {0, ..., 255}^D are made continuous by uniform noise u ~ U[0, 1)^D,
+
+    dequantize:  v = (x + u) / 256                   in [x / 256, (x + 1) / 256) per pixel
+                 logdet = -D * log(256)              per row (the 1/256 scaling)
+    quantize:    x = clamp(floor(v * 256), 0, 255)   the sampling direction
+                 logdet = +D * log(256)
+
+so that a flow's log_prob of uint8 data is the log-density of the dequantized data x + u on the
+pixel scale [0, 256)^D. Integrated over the unit cube of x that density is the discrete model's
+P(x), so by Jensen E_u[log p(x + u)] <= log P(x): the log_prob is a lower bound on the discrete
+log-likelihood, and bits/dim = -log_prob / (D * ln 2) is the number papers report.
+
+    logit(alpha):  v' = alpha + (1 - 2 alpha) v,  y = log(v') - log(1 - v')
+                   logdet = sum(log(1 - 2 alpha) - log(v') - log(1 - v'))
+    inverse:       v = (sigmoid(y) - alpha) / (1 - 2 alpha),  logdet negated
+
+alpha keeps v = 0 and v -> 1 away from the logit's poles. 1 - v' is computed as
+alpha + (1 - 2 alpha)(1 - v) rather than by subtracting v' from 1: the same number, but it keeps
+its relative precision for v near 1 (in float32, 1 - v' would carry only ~3 significant bits of
+an alpha = 1e-6). Half-precision inputs compute in float32 and round once at the end.
+
+D is the number of elements per row, prod(x.shape[1:]) (1 for 1-D x). Log-dets have shape
+(batch,), float32 (float64 for float64 data), added to the running `logdet` when one is given.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import row_sum
+
+LEVELS = 256  # 8-bit pixels
+LOG_LEVELS = math.log(LEVELS)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types hold too few mantissa bits for the arithmetic: compute in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_pixel(like: torch.Tensor) -> int:
+    return math.prod(like.shape[1:])
+
+
+def _constant_logdet(value: float, batch: int, dtype: torch.dtype, device: torch.device,
+                     logdet: Optional[torch.Tensor]) -> torch.Tensor:
+    ld = torch.full((batch,), value, dtype=_logdet_dtype(dtype), device=device)
+    return ld if logdet is None else logdet + ld
+
+
+def _dequantize(x: torch.Tensor, noise: Optional[torch.Tensor], generator: Optional[torch.Generator],
+                dtype: torch.dtype) -> torch.Tensor:
+    """v = (x + u) / 256 in `dtype`, each pixel strictly inside [x/256, (x+1)/256)."""
+    compute = _compute_dtype(dtype)
+    if noise is None:
+        noise = torch.rand(x.shape, generator=generator, dtype=compute, device=x.device)
+    s = (x.to(compute) + noise.to(compute)).to(dtype)
+    # x + u rounds up to x + 1 when u is within half an ulp(x) of 1 (float32: u > 1 - 2^-17 for
+    # x >= 128, which a 100k-pixel batch hits about once): clamp to the largest value below x + 1
+    # so quantize(dequantize(x)) == x always. Dividing by 256 is then exact.
+    top = x.to(dtype) + 1
+    s = torch.minimum(s, torch.nextafter(top, torch.zeros((), dtype=dtype, device=x.device)))
+    return s / LEVELS
+
+
+def dequantize_ref(
+    x_uint8: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference dequantization: v = (x + u) / 256, logdet = -D log 256 (+ `logdet`).
+
+    x_uint8: (B, ...) integer pixels in [0, 255]. noise: u of x's shape in [0, 1), or None to
+    draw u ~ U[0, 1) with torch.rand (from `generator`, else torch's global RNG). v has `dtype`.
+    A given noise stays in the graph (dv/du = 1/256), so a learned q(u | x) (variational
+    dequantization) trains through it; its -log q(u | x) is the caller's to add.
+    """
+    v = _dequantize(x_uint8, noise, generator, dtype)
+    return v, _constant_logdet(-_per_pixel(x_uint8) * LOG_LEVELS, x_uint8.shape[0], dtype, x_uint8.device, logdet)
+
+
+def quantize_ref(v: torch.Tensor, *, logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference quantization (dequantize's sampling direction): x = clamp(floor(v * 256), 0, 255).
+
+    x is returned in v's floating dtype, holding integer values: the flow's inverse stays in the
+    flow's dtype (and differentiable, with zero gradient, like any layer's inverse); call
+    .to(torch.uint8) for an image. logdet = +D log 256 (+ `logdet`). NaN stays NaN.
+    """
+    x = torch.clamp(torch.floor(v * LEVELS), 0, LEVELS - 1)
+    return x, _constant_logdet(_per_pixel(v) * LOG_LEVELS, v.shape[0], v.dtype, v.device, logdet)
+
+
+def logit_ref(
+    v: torch.Tensor,
+    *,
+    alpha: float = 1e-6,
+    inverse: bool = False,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference logit with alpha; same signature and result as flowkern.ops.logit.
+
+    forward (v in [0, 1] -> y): v' = alpha + (1 - 2 alpha) v, y = log v' - log(1 - v'),
+    logdet = sum(log(1 - 2 alpha) - log v' - log(1 - v')). inverse (y -> v):
+    v = (sigmoid(y) - alpha) / (1 - 2 alpha) with the negated log-det; no clamping, so y beyond
+    logit(1 - alpha) maps slightly outside [0, 1] (quantize clamps).
+    """
+    dtype = v.dtype
+    t = v.to(_compute_dtype(dtype))
+    scale = 1.0 - 2.0 * alpha
+    log_scale = math.log(scale)
+    if inverse:
+        out = (torch.sigmoid(t) - alpha) / scale
+        # log v' = logsigmoid(y), log(1 - v') = logsigmoid(-y): exact far into both tails.
+        ld = row_sum(torch.nn.functional.logsigmoid(t) + torch.nn.functional.logsigmoid(-t) - log_scale)
+    else:
+        log_lo = torch.log(alpha + scale * t)          # log v'
+        log_hi = torch.log(alpha + scale * (1.0 - t))  # log(1 - v')
+        out = log_lo - log_hi
+        ld = row_sum(log_scale - log_lo - log_hi)
+    if logdet is not None:
+        ld = logdet + ld
+    return out.to(dtype), ld
+
+
+def dequantize_logit_ref(
+    x_uint8: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    alpha: float = 1e-6,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the fused dequantize + logit: y = logit_alpha((x + u) / 256).
+
+    logdet = -D log 256 + sum(log(1 - 2 alpha) - log v' - log(1 - v')) (+ `logdet`). The
+    intermediate v stays in the compute dtype (float32 for half types), as in a fused kernel;
+    for float32/float64 this equals logit_ref(*dequantize_ref(...)) exactly, given the same noise
+    (or the same generator state). The inverse is quantize_ref(logit_ref(y, inverse=True)).
+    """
+    compute = _compute_dtype(dtype)
+    v, ld = dequantize_ref(x_uint8, noise, generator=generator, dtype=compute, logdet=logdet)
+    y, ld = logit_ref(v, alpha=alpha, logdet=ld)
+    return y.to(dtype), ld
