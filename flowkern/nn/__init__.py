@@ -6,11 +6,12 @@ back with inverse(z, context=None, logdet=None) -> (x, logdet).
 from .coupling import MLP, AdditiveCoupling, AffineCoupling, ConvAffineCoupling, ConvNet, coupling_mask
 from .flow import Flow, FlowLayer, StandardNormal
 from .linear import Invertible1x1Conv, LinearLU, Permutation
+from .norm import ActNorm, BatchNormFlow
 from .preprocess import Dequantize, Logit, bits_per_dim
 from .reshape import Split, Squeeze, Unsqueeze
 
 __all__ = [
-    "AdditiveCoupling", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Dequantize", "Flow", "FlowLayer",
+    "ActNorm", "AdditiveCoupling", "BatchNormFlow", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Dequantize", "Flow", "FlowLayer",
     "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "Permutation", "Split", "Squeeze", "StandardNormal",
     "Unsqueeze", "bits_per_dim", "coupling_mask",
 ]

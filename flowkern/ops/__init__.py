@@ -1,6 +1,8 @@
 """flowkern's functional ops: flow transforms returning (output, logdet)."""
+from .actnorm import actnorm
 from .additive_coupling import additive_coupling
 from .affine_coupling import affine_coupling
+from .batchnorm_flow import batch_stats, batchnorm_flow
 from .dequantize import dequantize, dequantize_logit, logit, quantize
 
-__all__ = ["additive_coupling", "affine_coupling", "dequantize", "dequantize_logit", "logit", "quantize"]
+__all__ = ["actnorm", "additive_coupling", "batch_stats", "batchnorm_flow", "affine_coupling", "dequantize", "dequantize_logit", "logit", "quantize"]

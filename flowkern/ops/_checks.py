@@ -61,3 +61,25 @@ def positive(name: str, value) -> float:
     if not (value > 0 and value != float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
+
+
+def per_channel(name: str, value, x: torch.Tensor) -> torch.Tensor:
+    """`value` must be a (C,) tensor with C = x.shape[1], on x's device, with x's dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    channels = x.shape[1]
+    if value.shape != (channels,):
+        raise ValueError(f"{name} must have shape (C,) = ({channels},) to match x.shape[1], got {tuple(value.shape)}")
+    if value.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {x.device}")
+    return value
+
+
+def channel_input(x) -> torch.Tensor:
+    """x must be a floating-point (B, C) or (B, C, *spatial) tensor."""
+    tensor("x", x, min_dim=2)
+    return x
