@@ -21,7 +21,7 @@ def warm_up(flow, x):
     return flow
 
 
-@pytest.mark.parametrize("coupling", ["affine", "additive"])
+@pytest.mark.parametrize("coupling", ["affine", "additive", "spline"])
 @pytest.mark.parametrize("norm", [None, "actnorm", "batchnorm"])
 def test_realnvp_variants_round_trip(coupling, norm):
     torch.manual_seed(0)

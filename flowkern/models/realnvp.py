@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..nn import AdditiveCoupling, AffineCoupling, Flow, StandardNormal
+from ..nn import AdditiveCoupling, AffineCoupling, Flow, SplineCoupling, StandardNormal
 from ._common import NORMS, norm_layer, preprocess_layers
 
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "spline")
 
 
 class RealNVP(Flow):
@@ -14,7 +14,8 @@ class RealNVP(Flow):
     transforms the odd features when i is even and the even ones when i is odd.
 
     Args:
-        coupling: "affine" (AffineCoupling with `scale`) or "additive" (NICE, volume preserving).
+        coupling: "affine" (AffineCoupling with `scale`), "additive" (NICE, volume preserving) or
+            "spline" (SplineCoupling with `bins` and `bound`: Neural Spline Flows).
         norm: None, "actnorm" or "batchnorm": a normalisation layer before each coupling.
         context: width of a conditioning vector (0: unconditional).
         dequantize: start with Dequantize + Logit(alpha), so the flow takes 8-bit pixels
@@ -23,7 +24,7 @@ class RealNVP(Flow):
 
     def __init__(self, features: int = 784, layers: int = 8, hidden: int = 512, coupling: str = "affine",
                  *, norm: Optional[str] = None, scale: str = "sigmoid", context: int = 0,
-                 dequantize: bool = False, alpha: float = 1e-6):
+                 dequantize: bool = False, alpha: float = 1e-6, bins: int = 8, bound: float = 3.0):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if norm not in NORMS:
@@ -37,6 +38,9 @@ class RealNVP(Flow):
             if coupling == "affine":
                 blocks.append(AffineCoupling(features, hidden, mask="alternate", flip=i % 2 == 1, scale=scale,
                                              context=context))
+            elif coupling == "spline":
+                blocks.append(SplineCoupling(features, hidden, bins=bins, bound=bound, mask="alternate",
+                                             context=context, flip=i % 2 == 1))
             else:
                 blocks.append(AdditiveCoupling(features, hidden, mask="alternate", flip=i % 2 == 1, context=context))
         super().__init__(blocks, StandardNormal(features))

@@ -9,9 +9,10 @@ from .linear import Invertible1x1Conv, LinearLU, Permutation
 from .norm import ActNorm, BatchNormFlow
 from .preprocess import Dequantize, Logit, bits_per_dim
 from .reshape import Split, Squeeze, Unsqueeze
+from .spline import SplineCoupling
 
 __all__ = [
     "ActNorm", "AdditiveCoupling", "BatchNormFlow", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Dequantize", "Flow", "FlowLayer",
-    "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "Permutation", "Split", "Squeeze", "StandardNormal",
+    "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "Permutation", "SplineCoupling", "Split", "Squeeze", "StandardNormal",
     "Unsqueeze", "bits_per_dim", "coupling_mask",
 ]

@@ -4,5 +4,7 @@ from .additive_coupling import additive_coupling
 from .affine_coupling import affine_coupling
 from .batchnorm_flow import batch_stats, batchnorm_flow
 from .dequantize import dequantize, dequantize_logit, logit, quantize
+from .rq_spline import rq_spline
 
-__all__ = ["actnorm", "additive_coupling", "batch_stats", "batchnorm_flow", "affine_coupling", "dequantize", "dequantize_logit", "logit", "quantize"]
+__all__ = ["actnorm", "additive_coupling", "batch_stats", "batchnorm_flow", "affine_coupling", "dequantize", "dequantize_logit", "logit", "quantize",
+           "rq_spline"]

@@ -1,0 +1,47 @@
+"""Neural Spline Flow coupling: the transformed features go through a monotone rational-quadratic
+spline on [-bound, bound] (identity outside) whose knots an MLP predicts from the kept features."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ..ops.rq_spline import check_bins, check_bound, rq_spline
+from ..reference.rq_spline import MIN_DERIVATIVE, identity_derivative_raw, params_per_element
+from .coupling import _Coupling
+
+
+class SplineCoupling(_Coupling):
+    """Rational-quadratic spline coupling (Durkan et al. 2019, nflows' linear tails):
+    y_moved = spline(x_moved; params(x_kept)), fused log-det.
+
+    Args:
+        features: width of the (B, features) input.
+        hidden: width of the conditioner's two hidden layers.
+        bins: number of spline bins; the conditioner predicts 3 * bins - 1 numbers per
+            transformed feature (bins widths, bins heights, bins - 1 interior derivatives).
+        bound: the spline acts on [-bound, bound]; outside, the layer is the identity.
+        mask: "alternate", "half", or a bool tensor (True = transformed).
+        context: width of a conditioning vector (0 for an unconditional layer).
+        flip: swap kept and transformed features (alternate it between stacked layers).
+    """
+
+    def __init__(self, features: int, hidden: int = 512, bins: int = 8, bound: float = 3.0,
+                 mask: Union[str, torch.Tensor] = "alternate", context: int = 0, *, flip: bool = False):
+        bins, bound = check_bins(bins), check_bound(bound)
+        super().__init__(features, hidden, params_per_element(bins), mask, flip, context)
+        self.bins, self.bound = bins, bound
+        # With zero weights the widths and heights are uniform (equal knots in x and y, slope 1);
+        # start the derivatives at 1 too, so a new layer is the identity.
+        with torch.no_grad():
+            bias = self.conditioner[-1].bias.view(self.params_per_feature, -1)  # (P, transformed)
+            bias[2 * bins:].fill_(identity_derivative_raw(MIN_DERIVATIVE))
+
+    def _transform(self, x, context, logdet, inverse):
+        kept, moved, params = self._split(x, context)  # params (B, P, transformed)
+        moved, logdet = rq_spline(moved, params.movedim(1, -1), bins=self.bins, bound=self.bound,
+                                  inverse=inverse, logdet=logdet)
+        return self._merge(kept, moved), logdet
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bins={self.bins}, bound={self.bound}"
