@@ -15,6 +15,7 @@ from .common import describe_machine, machine, write_results
 
 SUITES = {
     "affine_coupling": kernels.affine_coupling_suite,
+    "rq_spline": kernels.rq_spline_suite,
     "realnvp_train": training.realnvp_train_suite,
 }
 

@@ -8,25 +8,62 @@ from typing import Callable
 import torch
 
 import flowkern
-from flowkern.ops import affine_coupling
-from flowkern.reference import affine_coupling_ref
+from flowkern.ops import affine_coupling, rq_spline
+from flowkern.reference import affine_coupling_ref, rq_spline_ref
 
 from .common import Row, compiled, markdown_table, median_time
 
 
-def _impls(device: str) -> dict[str, tuple[Callable, str]]:
-    """name -> (op, backend to run it under)."""
-    impls = {"eager": (affine_coupling_ref, "reference")}
-    comp = compiled(affine_coupling_ref, dynamic=False)
+def _impls(device: str, op: Callable, ref: Callable) -> dict[str, tuple[Callable, str]]:
+    """name -> (function, backend to run it under): eager and compiled reference, flowkern."""
+    impls = {"eager": (ref, "reference")}
+    comp = compiled(ref, dynamic=False)
     if comp is not None:
         impls["compile"] = (comp, "reference")
     avail = flowkern.available_backends()
     native = "cpu" if device == "cpu" else "cuda"
     if native in avail:
-        impls["flowkern"] = (affine_coupling, native)
+        impls["flowkern"] = (op, native)
     if device == "cuda" and "triton" in avail:
-        impls["flowkern-triton"] = (affine_coupling, "triton")
+        impls["flowkern-triton"] = (op, "triton")
     return impls
+
+
+def _compare(suite: str, case: str, impls: dict, call: Callable, inputs: list, grads: tuple, backward: bool,
+             device: str, budget_s: float, moved: int, clone_gbs: float) -> tuple[list[Row], list[list]]:
+    """Times call(fn, *inputs) for every implementation (forward only, or forward plus
+    autograd.grad of every input) and returns result rows and table lines with ratios."""
+    times = {}
+    for name, (fn, backend) in impls.items():
+        with flowkern.backend(backend):
+            if backward:
+                leaves = [a.clone().requires_grad_() for a in inputs]
+
+                def run(fn=fn, leaves=leaves):
+                    return torch.autograd.grad(call(fn, *leaves), leaves, grads)
+            else:
+                def run(fn=fn):
+                    return call(fn, *inputs)
+            times[name] = median_time(run, device, budget_s)
+    rows, body = [], []
+    for name, sec in times.items():
+        gbs = moved / sec / 1e9
+        extra = {"GB/s": gbs, "clone_fraction": gbs / clone_gbs, "vs_eager": times["eager"] / sec}
+        for other in ("compile", "nflows"):
+            if other in times:
+                extra[f"vs_{other}"] = times[other] / sec
+        rows.append(Row(suite, case, name, sec * 1e6, extra))
+        body.append([case, name, sec * 1e6, extra["vs_eager"], extra.get("vs_compile", "-"),
+                     extra.get("vs_nflows", "-"), gbs, f"{100 * extra['clone_fraction']:.0f}%"])
+    return rows, body
+
+
+HEADER = ["case", "impl", "median us", "x eager", "x compile", "x nflows", "GB/s", "of clone"]
+
+
+def _clone_roofline(x: torch.Tensor, device: str, budget_s: float) -> float:
+    sec = median_time(lambda: x.clone(), device, budget_s)
+    return 2 * x.numel() * x.element_size() / sec / 1e9
 
 
 def affine_coupling_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
@@ -34,44 +71,87 @@ def affine_coupling_suite(device: str, quick: bool, budget_s: float) -> tuple[li
     if device == "cuda":
         sizes = [(256, 392), (4096, 784), (16384, 3072)] if quick else sizes + [(16384, 3072), (65536, 3072)]
     scales = ("sigmoid", "exp") if quick else ("sigmoid", "exp", "tanh")
-    dtype = torch.float32
     rows, body = [], []
-    impls = _impls(device)
+    impls = _impls(device, affine_coupling, affine_coupling_ref)
     for b, d in sizes:
         gen = torch.Generator().manual_seed(0)
-        x, t, s = (torch.randn(b, d, generator=gen).to(device, dtype) for _ in range(3))
-        gy = torch.randn(b, d, generator=gen).to(device, dtype)
+        x, t, s, gy = (torch.randn(b, d, generator=gen).to(device) for _ in range(4))
         gl = torch.randn(b, generator=gen).to(device)
-        tensor_bytes = x.numel() * x.element_size()
-        clone_s = median_time(lambda: x.clone(), device, budget_s)
-        clone_gbs = 2 * tensor_bytes / clone_s / 1e9
-        case0 = f"B={b} D={d}"
-        rows.append(Row("affine_coupling", case0, "clone", clone_s * 1e6, {"GB/s": clone_gbs}))
+        clone_gbs = _clone_roofline(x, device, budget_s)
+        rows.append(Row("affine_coupling", f"B={b} D={d}", "clone", 0.0, {"GB/s": clone_gbs}))
         for scale in scales:
-            for direction in ("fwd", "fwd+bwd"):
-                case = f"{case0} {scale} {direction}"
-                moved = (4 if direction == "fwd" else 9) * tensor_bytes  # the fused algorithm's traffic
-                times = {}
-                for name, (op, backend) in impls.items():
-                    with flowkern.backend(backend):
-                        if direction == "fwd":
-                            fn = lambda op=op: op(x, t, s, scale=scale)  # noqa: E731
-                        else:
-                            leaves = [a.clone().requires_grad_() for a in (x, t, s)]
-
-                            def fn(op=op, leaves=leaves):
-                                y, ld = op(*leaves, scale=scale)
-                                return torch.autograd.grad((y, ld), leaves, (gy, gl))
-                        times[name] = median_time(fn, device, budget_s)
-                for name, sec in times.items():
-                    gbs = moved / sec / 1e9
-                    extra = {"GB/s": gbs, "clone_fraction": gbs / clone_gbs,
-                             "vs_eager": times["eager"] / sec}
-                    if "compile" in times:
-                        extra["vs_compile"] = times["compile"] / sec
-                    rows.append(Row("affine_coupling", case, name, sec * 1e6, extra))
-                    body.append([case, name, sec * 1e6, extra["vs_eager"], extra.get("vs_compile", "-"),
-                                 gbs, f"{100 * extra['clone_fraction']:.0f}%"])
+            for backward in (False, True):
+                case = f"B={b} D={d} {scale} {'fwd+bwd' if backward else 'fwd'}"
+                moved = (9 if backward else 4) * x.numel() * x.element_size()  # the fused kernels' traffic
+                r, lines = _compare("affine_coupling", case, impls, lambda fn, *a: fn(*a, scale=scale), [x, t, s],
+                                    (gy, gl), backward, device, budget_s, moved, clone_gbs)
+                rows += r
+                body += lines
     table = "### affine_coupling (float32; GB/s counts the fused kernels' minimal traffic)\n\n" + markdown_table(
-        ["case", "impl", "median us", "x eager", "x compile", "GB/s", "of clone"], body)
+        HEADER, body)
+    return rows, table
+
+
+def _nflows_spline():
+    """nflows' spline as (x, params) -> (y, per-row logdet), or None if nflows is absent."""
+    try:
+        from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
+    except ImportError:
+        return None
+
+    def nflows_rq(x, params, *, bins, bound, inverse=False):
+        w, h, d = params[..., :bins], params[..., bins:2 * bins], params[..., 2 * bins:]
+        y, lad = unconstrained_rational_quadratic_spline(x, w, h, d, inverse=inverse, tails="linear",
+                                                         tail_bound=bound)
+        return y, lad.reshape(x.shape[0], -1).sum(1)
+    return nflows_rq
+
+
+def saved_bytes(fn: Callable) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward while fn() runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def rq_spline_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    bins, bound = 8, 3.0
+    sizes = [(256, 392)] if quick else [(256, 392), (256, 784)]
+    rows, body = [], []
+    impls = _impls(device, rq_spline, rq_spline_ref)
+    nf = _nflows_spline()
+    if nf is not None:
+        impls["nflows"] = (nf, "reference")
+    for b, d in sizes:
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(b, d, generator=gen) * 1.5).to(device)
+        params = torch.randn(b, d, 3 * bins - 1, generator=gen).to(device)
+        gy, gl = torch.randn(b, d, generator=gen).to(device), torch.randn(b, generator=gen).to(device)
+        clone_gbs = _clone_roofline(params, device, budget_s)
+        for backward in (False, True):
+            case = f"B={b} D={d} K={bins} {'fwd+bwd' if backward else 'fwd'}"
+            p_bytes, x_bytes = params.numel() * params.element_size(), x.numel() * x.element_size()
+            moved = (2 * p_bytes + 5 * x_bytes) if backward else (p_bytes + 2 * x_bytes)
+            r, lines = _compare("rq_spline", case, impls, lambda fn, *a: fn(*a, bins=bins, bound=bound), [x, params],
+                                (gy, gl), backward, device, budget_s, moved, clone_gbs)
+            rows += r
+            body += lines
+        # Memory: what each implementation keeps for the backward (B x D x bins tensors or not).
+        for name, (fn, backend) in impls.items():
+            if name == "compile":
+                continue
+            leaves = [x.clone().requires_grad_(), params.clone().requires_grad_()]
+            with flowkern.backend(backend):
+                nbytes = saved_bytes(lambda fn=fn: fn(*leaves, bins=bins, bound=bound))
+            rows.append(Row("rq_spline", f"B={b} D={d} K={bins} saved", name, 0.0, {"saved_MB": nbytes / 2**20}))
+            body.append([f"B={b} D={d} K={bins} saved for backward", name, "-", "-", "-", "-",
+                         f"{nbytes / 2**20:.1f} MB", "-"])
+    table = ("### rq_spline (float32, K=8 bins, bound 3; inputs and saved-for-backward bytes; "
+             "nflows = unconstrained_rational_quadratic_spline)\n\n" + markdown_table(HEADER, body))
     return rows, table

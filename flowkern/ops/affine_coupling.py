@@ -16,12 +16,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from .._backend import get_backend, resolve
 from ..reference.affine_coupling import SCALES, affine_coupling_ref
 from . import _checks
+from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
 from ._vmap import register_row_vmap
 
 SCALE_MODES = {name: i for i, name in enumerate(SCALES)}  # the kernels' mode numbers
@@ -41,70 +41,30 @@ def _kernels(impl: str):
 SAVE_FACTOR_ON = {"cpu"}
 
 
-def _forward(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor):
-    fwd, _ = _kernels(impl)
-    return fwd(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
+def _run(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor):
+    return _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
 
 
-class _AffineCouplingBase(torch.autograd.Function):
-    """Autograd over the compiled and Triton kernels: what is saved, and the backward."""
-
-    @staticmethod
-    def _save(ctx, inputs, out, factor):
-        x, _, scale_raw, logdet, mode, clamp, inverse, impl, save_factor = inputs
-        ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
-        # The backward needs x: the input going forward, the output going back.
-        ctx.save_for_backward(out if inverse else x, factor if save_factor else scale_raw)
-        ctx.config = (save_factor, mode, clamp, inverse, impl)
-        ctx.has_logdet = logdet is not None
-
-    @staticmethod
-    @once_differentiable  # the backward kernels have no derivative: double backward raises, never lies
-    def backward(ctx, grad_out, grad_logdet, *_grad_factor):
-        saved, scale_or_factor = ctx.saved_tensors
-        is_factor, mode, clamp, inverse, impl = ctx.config
-        _, bwd = _kernels(impl)
-        # Often an expanded scalar from .sum() (stride 0): the kernels take contiguous rows.
-        grad_out = torch.zeros_like(saved) if grad_out is None else grad_out.contiguous()
-        grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
-        grad_in, grad_s = bwd(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse)
-        grad_shift = -grad_in if inverse else grad_out
-        return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
+def _save(ctx, inputs, outputs):
+    x, _, scale_raw, logdet, mode, clamp, inverse, impl, save_factor = inputs
+    out, _, factor = outputs
+    # The backward needs x: the input going forward, the output going back.
+    ctx.save_for_backward(out if inverse else x, factor if save_factor else scale_raw)
+    ctx.config = (save_factor, mode, clamp, inverse, impl)
+    ctx.has_logdet = logdet is not None
 
 
-class _AffineCouplingFn(_AffineCouplingBase):
-    """The everyday path. Old-style (ctx in forward): a setup_context Function binds its
-    arguments with inspect.signature on every call, ~30 us, as much as the kernel itself."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, ld, factor = _forward(*inputs)
-        _AffineCouplingBase._save(ctx, inputs, out, factor)
-        return out, ld
-
-
-class _AffineCouplingFuncFn(_AffineCouplingBase):
-    """The same under torch.func transforms (jacrev, vmap, grad), which need setup_context."""
-
-    generate_vmap_rule = True  # vmap reaches the kernel ops, whose rules are in _vmap.py
-
-    @staticmethod
-    def forward(*inputs):
-        return _forward(*inputs)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        out, _, factor = output
-        ctx.mark_non_differentiable(factor)
-        _AffineCouplingBase._save(ctx, inputs, out, factor)
+def _backward(ctx, grad_out, grad_logdet):
+    saved, scale_or_factor = ctx.saved_tensors
+    is_factor, mode, clamp, inverse, impl = ctx.config
+    grad_out, grad_logdet = contiguous_grads(grad_out, grad_logdet, saved)
+    grad_in, grad_s = _kernels(impl)[1](grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp,
+                                        inverse)
+    grad_shift = -grad_in if inverse else grad_out
+    return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
 
 
-def _under_functorch_or_forward_ad(*tensors) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+_FUNCTIONS = kernel_functions("AffineCouplingFunction", _run, _save, _backward)
 
 
 def affine_coupling(
@@ -146,17 +106,10 @@ def affine_coupling(
     mode, inverse = SCALE_MODES[scale], bool(inverse)
     # A saved tanh factor exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward
     # takes log(factor): there, recompute from s.
-    save_factor = x.device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
-    args = (x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
-    if _under_functorch_or_forward_ad(x, shift, scale_raw, logdet):
-        # torch.func wraps tensors so that requires_grad says nothing; forward AD has no jvp
-        # here and must raise rather than drop the tangents.
-        out, ld, _ = _AffineCouplingFuncFn.apply(*args)
-    elif torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale_raw.requires_grad
-                                      or (logdet is not None and logdet.requires_grad)):
-        out, ld = _AffineCouplingFn.apply(*args)
-    else:  # inference (sampling, evaluation): no autograd node, nothing saved
-        out, ld, _ = _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, False)
+    save_factor = (x.device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
+                   and (needs_grad(x, shift, scale_raw) or under_functorch_or_forward_ad(x, shift, scale_raw)))
+    out, ld = apply(_FUNCTIONS, _run, (x, shift, scale_raw, logdet),
+                    x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
     return out.to(dtype), ld
 
 
