@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -36,6 +37,35 @@ inline void check_affine_inputs(const at::Tensor& a, const at::Tensor& b, const 
   }
 }
 
+// rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all
+// contiguous; bins within the kernels' fixed-size knot arrays (math/rq_spline.h: 64).
+inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x, const at::Tensor& params,
+                                   int64_t bins, double bound, const std::optional<at::Tensor>& per_row) {
+  TORCH_CHECK(bins >= 1 && bins <= 64, "flowkern: the rq_spline kernels take bins in [1, 64], got ", bins);
+  TORCH_CHECK(bound > 0 && std::isfinite(bound), "flowkern: rq_spline bound must be positive and finite, got ",
+              bound);
+  TORCH_CHECK(x.dim() >= 1, "flowkern: rq_spline needs a batch dimension");
+  TORCH_CHECK(like_x.sizes() == x.sizes(), "flowkern: rq_spline tensors differ in shape: ", x.sizes(), ", ",
+              like_x.sizes());
+  auto psize = x.sizes().vec();
+  psize.push_back(3 * bins - 1);
+  TORCH_CHECK(params.sizes() == at::IntArrayRef(psize), "flowkern: rq_spline params must have shape ",
+              at::IntArrayRef(psize), ", got ", params.sizes());
+  TORCH_CHECK(x.scalar_type() == like_x.scalar_type() && x.scalar_type() == params.scalar_type(),
+              "flowkern: rq_spline tensors differ in dtype");
+  TORCH_CHECK(x.device() == like_x.device() && x.device() == params.device(),
+              "flowkern: rq_spline tensors differ in device");
+  TORCH_CHECK(x.is_contiguous() && like_x.is_contiguous() && params.is_contiguous(),
+              "flowkern: rq_spline kernels take contiguous tensors");
+  if (per_row.has_value()) {
+    TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == x.size(0) && per_row->is_contiguous(),
+                "flowkern: per-row tensor must be contiguous with shape (", x.size(0), ",)");
+    TORCH_CHECK(per_row->scalar_type() == logdet_dtype(x.scalar_type()), "flowkern: per-row tensor must be ",
+                logdet_dtype(x.scalar_type()));
+    TORCH_CHECK(per_row->device() == x.device(), "flowkern: per-row tensor on another device");
+  }
+}
+
 // Turns the runtime (mode, inverse) pair of affine_coupling into template arguments, so each
 // kernel's inner loop is branch-free: f(std::integral_constant<int, MODE>, std::bool_constant<INVERSE>).
 template <typename F>
@@ -58,7 +88,13 @@ void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
       double clamp, bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor);          \
   std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(                                              \
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved, \
-      const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse);
+      const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse);   \
+  std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,    \
+                                                   double bound, bool inverse,                                     \
+                                                   const std::optional<at::Tensor>& logdet);                        \
+  std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(                                                                \
+      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,           \
+      const at::Tensor& params, int64_t bins, double bound, bool inverse);
 
 namespace cpu {
 FLOWKERN_DECLARE_LAUNCHERS

@@ -56,5 +56,10 @@ def with_cuda() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
+def has_op(name: str) -> bool:
+    """Whether the loaded extension registered flowkern::<name> (an older build may lack it)."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"flowkern::{name}", "CPU")
+
+
 def module() -> Optional[object]:
     return _C

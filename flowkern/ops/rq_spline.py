@@ -6,9 +6,13 @@
 
 The same function as nflows' unconstrained_rational_quadratic_spline(tails="linear",
 tail_bound=bound) with minimal bin width, height and derivative 1e-3; the full formula is in
-flowkern.reference.rq_spline. Fused C++/CUDA/Triton kernels will come later behind this
-signature; for now every backend runs the pure-PyTorch reference and autograd differentiates
-it, so the backend switch (flowkern.set_backend) does not change this op yet.
+flowkern.reference.rq_spline.
+
+Backends: the compiled kernels (csrc/math/rq_spline.h for CPU and CUDA) and the Triton
+kernels keep each element's bins in registers, save only the op's inputs for the backward
+(no B x D x bins intermediate) and compute the backward analytically; the "reference"
+backend runs flowkern.reference.rq_spline_ref under autograd. The kernels take bins <= 64
+(the reference up to 1000): "auto" uses the reference beyond, an explicit backend raises.
 """
 from __future__ import annotations
 
@@ -17,8 +21,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _ext
+from .._backend import get_backend, resolve
 from ..reference.rq_spline import MIN_HEIGHT, MIN_WIDTH, params_per_element, rq_spline_ref
 from . import _checks
+from ._autograd import apply, contiguous_grads, kernel_functions
+from ._vmap import register_row_vmap
+
+KERNEL_MAX_BINS = 64
 
 # min_width * bins <= 1 (and the same for heights): beyond, the minimal bins overfill [-bound, bound].
 MAX_BINS = int(1 / max(MIN_WIDTH, MIN_HEIGHT) + 1e-9)
@@ -78,4 +88,76 @@ def rq_spline(
     if params.device != x.device:
         raise ValueError(f"params is on {params.device} but x is on {x.device}")
     logdet = _checks.running_logdet(logdet, x)
-    return rq_spline_ref(x, params, bins=bins, bound=bound, inverse=bool(inverse), logdet=logdet)
+    impl = resolve(x.device)
+    if impl == "compiled" and not _ext.has_op("rq_spline_fwd"):
+        impl = "triton" if x.device.type == "cuda" and get_backend() == "auto" else "reference"
+    if impl != "reference":
+        unsupported = ("bins > 64" if bins > KERNEL_MAX_BINS else
+                       "float64 (the Triton kernels compute in float32)" if impl == "triton" and x.dtype == torch.float64
+                       else None)
+        if unsupported:
+            if get_backend() != "auto":
+                raise ValueError(f"backend {get_backend()!r}: the fused spline kernels do not take {unsupported}; "
+                                 "use backend 'reference' (or 'auto')")
+            impl = "reference"
+    if impl == "reference":
+        return rq_spline_ref(x, params, bins=bins, bound=bound, inverse=bool(inverse), logdet=logdet)
+    dtype = x.dtype
+    if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        x, params = x.float(), params.float()  # the CPU kernels are float32/float64
+    x, params = x.contiguous(), params.contiguous()
+    out, ld = apply(_FUNCTIONS, _run, (x, params, logdet), x, params, logdet, bins, bound, bool(inverse), impl)
+    return out.to(dtype), ld
+
+
+def _kernels(impl: str):
+    if impl == "compiled":
+        return torch.ops.flowkern.rq_spline_fwd, torch.ops.flowkern.rq_spline_bwd
+    from ..triton import rq_spline as tk
+
+    return tk.rq_spline_fwd, tk.rq_spline_bwd
+
+
+def _run(x, params, logdet, bins, bound, inverse, impl):
+    return _kernels(impl)[0](x, params, bins, bound, inverse, logdet)
+
+
+def _save(ctx, inputs, outputs):
+    x, params, logdet, bins, bound, inverse, impl = inputs
+    ctx.save_for_backward(x, params)  # the op's inputs only: the kernels recompute the rest
+    ctx.config = (bins, bound, inverse, impl)
+    ctx.has_logdet = logdet is not None
+
+
+def _backward(ctx, grad_out, grad_logdet):
+    x, params = ctx.saved_tensors
+    bins, bound, inverse, impl = ctx.config
+    grad_out, grad_logdet = contiguous_grads(grad_out, grad_logdet, x)
+    grad_x, grad_params = _kernels(impl)[1](grad_out, grad_logdet, x, params, bins, bound, inverse)
+    return grad_x, grad_params, (grad_logdet if ctx.has_logdet else None), None, None, None, None
+
+
+_FUNCTIONS = kernel_functions("RQSplineFunction", _run, _save, _backward)
+
+# Positions of the tensor arguments of the fwd / bwd kernel ops (compiled and Triton alike).
+FWD_TENSOR_ARGS = (0, 1, 5)
+BWD_TENSOR_ARGS = (0, 1, 2, 3)
+
+
+def _register_compiled() -> None:
+    if not _ext.has_op("rq_spline_fwd"):
+        return
+
+    @torch.library.register_fake("flowkern::rq_spline_fwd")
+    def _fwd_fake(x, params, bins, bound, inverse, logdet):
+        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype))
+
+    @torch.library.register_fake("flowkern::rq_spline_bwd")
+    def _bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse):
+        return torch.empty_like(x_in), torch.empty_like(params)
+
+    register_row_vmap("flowkern::rq_spline_fwd", FWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::rq_spline_bwd", BWD_TENSOR_ARGS)
+
+
+_register_compiled()

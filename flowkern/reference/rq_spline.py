@@ -149,7 +149,9 @@ def rq_inverse(y, x_lo, w, y_lo, h, d_lo, d_hi):
     # branch could still send NaN into the gradient.
     use_c = b >= 0
     theta = torch.where(use_c, 2 * c, -b + sq) / torch.where(use_c, -b - sq, 2 * a)
-    theta = theta.clamp(0, 1)
+    # Rounding can put theta an ulp outside [0, 1] (at y = +-bound, say): clamp the value but
+    # keep the root's gradient, which a clamp would zero (the kernels' analytic backward agrees).
+    theta = _clamp_keep_grad(theta, 0.0, 1.0)
     return x_lo + theta * w, rq_log_slope(theta, delta, d_lo, d_hi)
 
 

@@ -1,0 +1,326 @@
+// CPU launchers for the rational-quadratic spline: rows in parallel (at::parallel_for), each
+// row in groups of Vectorized<scalar_t>::size() elements over the math in math/rq_spline.h,
+// one element per SIMD lane. Built with the host's vector ISA flags (setup.py).
+//
+// Params are element-major (3K - 1 per element); a lane needs parameter i of its own element,
+// so each group's block is transposed into a small param-major stack buffer first, and the
+// backward's parameter gradients are transposed back into place.
+// The row's log-det is reduced in registers and written once.
+#include "vec_math.h"
+
+#include <algorithm>
+#include <type_traits>
+
+namespace flowkern {
+namespace math {
+
+// Vectorized overloads of the helpers rq_spline.h declares for scalars; seen before the header's
+// templates, like vec_math.h's.
+template <typename T>
+inline at::vec::Vectorized<T> fk_where(const at::vec::Vectorized<T>& mask, const at::vec::Vectorized<T>& a,
+                                       const at::vec::Vectorized<T>& b) {
+  return at::vec::Vectorized<T>::blendv(b, a, mask);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fk_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fk_min(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::minimum(a, b);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fk_sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
+// log1p(x) = log(1 + x) x / ((1 + x) - 1) (Kahan's trick; x where 1 + x rounds to 1): accurate to
+// a few ulps, and several times cheaper than Sleef's log1p, which here cost as much as all the
+// spline's exps together.
+template <typename T>
+inline at::vec::Vectorized<T> fk_log1p(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec w = Vec(T(1)) + x;
+  const Vec d = w - Vec(T(1));
+  return Vec::blendv(w.log() * (x / d), x, d == Vec(T(0)));
+}
+
+// The product materialized before any add sees it: GCC contracts a * b + c into an fma under
+// -mfma (-ffp-contract=fast is its default, even with -std=c++20). An empty asm that claims to
+// change the register hides the product (no instruction, no spill).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 fk_opaque(__m512 r) { __asm__("" : "+v"(r)); return r; }
+inline __m512d fk_opaque(__m512d r) { __asm__("" : "+v"(r)); return r; }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 fk_opaque(__m256 r) { __asm__("" : "+x"(r)); return r; }
+inline __m256d fk_opaque(__m256d r) { __asm__("" : "+x"(r)); return r; }
+#endif
+template <typename T>
+inline at::vec::Vectorized<T> fk_mul_rn(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  at::vec::Vectorized<T> p = a * b;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::Vectorized<T>(fk_opaque(p));
+#else
+  __asm__("" : "+m"(p));
+  return p;
+#endif
+}
+
+std::true_type rq_exact_cumsum(const at::vec::Vectorized<float>&);
+std::false_type rq_exact_cumsum(const at::vec::Vectorized<double>&);
+
+// Sum of e[0..n) in the order of torch's vec::reduce_all (its softmax's denominator), lane by
+// lane: in order below one vector's width; else per-lane partial sums, then combined in order,
+// or, for float on AVX2/AVX-512, by the halving shuffles of its VecReduceAllSIMD.
+template <typename T>
+inline at::vec::Vectorized<T> rq_row_sum(const at::vec::Vectorized<T>* e, int n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int W = Vec::size();
+  if (n < W) {
+    Vec sum = e[0];
+    for (int i = 1; i < n; ++i) sum = sum + e[i];
+    return sum;
+  }
+  Vec part[W];
+  for (int l = 0; l < W; ++l) part[l] = e[l];
+  for (int i = W; i < n; ++i) part[i % W] = part[i % W] + e[i];
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  constexpr bool kTree = std::is_same_v<T, float>;
+#else
+  constexpr bool kTree = false;
+#endif
+  if constexpr (kTree) {
+    for (int step = W / 2; step >= 1; step /= 2)
+      for (int l = 0; l < step; ++l) part[l] = part[l] + part[l + step];
+    return part[0];
+  } else {
+    Vec sum = part[0];
+    for (int l = 1; l < W; ++l) sum = sum + part[l];
+    return sum;
+  }
+}
+
+}  // namespace math
+}  // namespace flowkern
+
+#include "../math/rq_spline.h"
+#include "../ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+// GCC 12 flags the AVX-512 unpack/shuffle intrinsics' internal undefined pass-through operand
+// wherever transpose16 is inlined (a false positive of its own headers): nothing is read
+// uninitialized here.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+namespace flowkern {
+namespace cpu {
+namespace {
+
+using at::vec::Vectorized;
+using namespace flowkern::math;
+
+// Rows per parallel chunk: about 4K elements (each costs ~2K + 4 exps), so small batches stay
+// on one thread.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)); }
+
+template <typename scalar_t>
+scalar_t hsum(const Vectorized<scalar_t>& v) {
+  alignas(64) scalar_t buf[Vectorized<scalar_t>::size()];
+  v.store(buf);
+  scalar_t total = 0;
+  for (int i = 0; i < Vectorized<scalar_t>::size(); ++i) total += buf[i];
+  return total;
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// In-register transpose of a 16 x 16 float block (r[i] = row i in, column i out).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+    t[4 + k] = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xdd);
+    t[8 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xdd);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0x88);
+    r[4 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(t[k], t[8 + k], 0xdd);
+    r[12 + k] = _mm512_shuffle_f32x4(t[4 + k], t[12 + k], 0xdd);
+  }
+}
+#endif
+
+// src: the group's `lanes` elements' params, element-major (np each); dst[i * W + lane] =
+// param i of lane. float on AVX-512: 16 x 16 register transposes (2x faster than ATen's
+// transpose_mxn here, 8x faster than gathers); else scalar copies. Lanes past `lanes` keep
+// whatever the buffer held (finite: earlier params or zeros); their results are never stored.
+template <typename scalar_t>
+void load_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int i0 = 0; i0 < np; i0 += 16) {
+      const __mmask16 cols = static_cast<__mmask16>((1u << std::min(16, np - i0)) - 1);
+      __m512 r[16];
+      for (int64_t e = 0; e < 16; ++e)
+        r[e] = e < lanes ? _mm512_maskz_loadu_ps(cols, src + e * np + i0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int c = 0; c < std::min(16, np - i0); ++c) _mm512_store_ps(dst + (i0 + c) * W, r[c]);
+    }
+    return;
+  }
+#endif
+  for (int64_t e = 0; e < lanes; ++e)
+    for (int i = 0; i < np; ++i) dst[i * W + e] = src[e * np + i];
+}
+
+// The inverse of load_params for the first `lanes` lanes.
+template <typename scalar_t>
+void store_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int i0 = 0; i0 < np; i0 += 16) {
+      const int n_cols = std::min(16, np - i0);
+      const __mmask16 cols = static_cast<__mmask16>((1u << n_cols) - 1);
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c) r[c] = c < n_cols ? _mm512_load_ps(src + (i0 + c) * W) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t e = 0; e < lanes; ++e) _mm512_mask_storeu_ps(dst + e * np + i0, cols, r[e]);
+    }
+    return;
+  }
+#endif
+  for (int64_t e = 0; e < lanes; ++e)
+    for (int i = 0; i < np; ++i) dst[e * np + i] = src[i * W + e];
+}
+
+template <typename scalar_t, bool INVERSE>
+void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t* ld_out, const scalar_t* ld_in,
+              int64_t rows, int64_t n, int bins, scalar_t bound) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int np = 3 * bins - 1;
+  const Vec vbound(bound);
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    alignas(64) scalar_t pbuf[kRqMaxParams * W];
+    std::fill_n(pbuf, np * W, scalar_t(0));
+    Vec sx[kRqMaxBins], sy[kRqMaxBins];
+    const auto u = [&](int i) { return Vec::loadu(pbuf + i * W); };
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * n;
+      Vec acc(scalar_t(0));
+      for (int64_t j = 0; j < n; j += W) {
+        const int64_t lanes = std::min<int64_t>(W, n - j);
+        const int64_t i = base + j;
+        load_params(params + i * np, lanes, np, pbuf);
+        Vec o, ld;
+        rq_spline_forward<INVERSE>(Vec::loadu(x + i, lanes), u, bins, vbound, sx, sy, o, ld);
+        o.store(out + i, lanes);
+        acc = acc + (lanes == W ? ld : Vec::set(Vec(scalar_t(0)), ld, lanes));
+      }
+      ld_out[r] = (ld_in ? ld_in[r] : scalar_t(0)) + hsum(acc);
+    }
+  });
+}
+
+template <typename scalar_t, bool INVERSE>
+void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const scalar_t* params, scalar_t* grad_x,
+              scalar_t* grad_params, int64_t rows, int64_t n, int bins, scalar_t bound) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int np = 3 * bins - 1;
+  const Vec vbound(bound);
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+    alignas(64) scalar_t pbuf[kRqMaxParams * W];
+    alignas(64) scalar_t gbuf[kRqMaxParams * W];
+    std::fill_n(pbuf, np * W, scalar_t(0));
+    Vec sx[kRqMaxBins], sy[kRqMaxBins];
+    const auto u = [&](int i) { return Vec::loadu(pbuf + i * W); };
+    const auto store = [&](int i, const Vec& value) { value.store(gbuf + i * W); };
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * n;
+      const Vec vgld(gld ? gld[r] : scalar_t(0));
+      for (int64_t j = 0; j < n; j += W) {
+        const int64_t lanes = std::min<int64_t>(W, n - j);
+        const int64_t i = base + j;
+        load_params(params + i * np, lanes, np, pbuf);
+        Vec gi;
+        rq_spline_backward<INVERSE>(Vec::loadu(g + i, lanes), vgld, Vec::loadu(x + i, lanes), u, bins, vbound,
+                                    sx, sy, gi, store);
+        gi.store(grad_x + i, lanes);
+        store_params(gbuf, lanes, np, grad_params + i * np);
+      }
+    }
+  });
+}
+
+void check_cpu_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "flowkern: the CPU rq_spline kernel takes float32 or float64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,
+                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet) {
+  check_rq_spline_inputs(x, x, params, bins, bound, logdet);
+  check_cpu_dtype(x);
+  const int64_t rows = x.size(0);
+  const int64_t n = rows == 0 ? 0 : x.numel() / rows;
+  auto out = at::empty_like(x);
+  auto ld = at::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flowkern_rq_spline_fwd_cpu", [&] {
+    const scalar_t* ld_in = logdet.has_value() ? logdet->data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto inv_c) {
+      fwd_rows<scalar_t, decltype(inv_c)::value>(x.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
+                                                 out.data_ptr<scalar_t>(), ld.data_ptr<scalar_t>(), ld_in, rows, n,
+                                                 static_cast<int>(bins), static_cast<scalar_t>(bound));
+    };
+    if (inverse) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  return {out, ld};
+}
+
+std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
+                                                 const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,
+                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse) {
+  check_rq_spline_inputs(x_in, grad_out, params, bins, bound, grad_logdet);
+  check_cpu_dtype(x_in);
+  const int64_t rows = x_in.size(0);
+  const int64_t n = rows == 0 ? 0 : x_in.numel() / rows;
+  auto grad_x = at::empty_like(x_in);
+  auto grad_params = at::empty_like(params);
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "flowkern_rq_spline_bwd_cpu", [&] {
+    const scalar_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<scalar_t>() : nullptr;
+    auto run = [&](auto inv_c) {
+      bwd_rows<scalar_t, decltype(inv_c)::value>(grad_out.data_ptr<scalar_t>(), gld, x_in.data_ptr<scalar_t>(),
+                                                 params.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                                                 grad_params.data_ptr<scalar_t>(), rows, n, static_cast<int>(bins),
+                                                 static_cast<scalar_t>(bound));
+    };
+    if (inverse) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  return {grad_x, grad_params};
+}
+
+}  // namespace cpu
+}  // namespace flowkern
