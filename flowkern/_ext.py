@@ -6,6 +6,7 @@ illegal instruction, so the check happens here, before the import.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -56,9 +57,15 @@ def with_cuda() -> bool:
     return _C is not None and bool(_C.with_cuda)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_op(name: str) -> bool:
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"flowkern::{name}", "CPU")
+
+
+@torch.compiler.assume_constant_result  # fixed once the library is loaded: torch.compile folds it
 def has_op(name: str) -> bool:
     """Whether the loaded extension registered flowkern::<name> (an older build may lack it)."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"flowkern::{name}", "CPU")
+    return _has_op(name)
 
 
 def module() -> Optional[object]:

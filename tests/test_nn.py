@@ -194,10 +194,11 @@ def test_realnvp_backend_matches_reference(backend, device):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_compile_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_compile_fullgraph_matches_eager(backend, coupling):
     if backend not in flowkern.available_backends():
         pytest.skip(f"{backend} backend not available")
-    flow = small_flow()
+    flow = small_flow(coupling=coupling)
     x = torch.randn(8, 6)
     with flowkern.backend(backend):
         eager = flow.log_prob(x)
@@ -211,7 +212,7 @@ def test_compile_fullgraph_matches_eager(backend):
         flow.zero_grad()
         (-flow.log_prob(x).mean()).backward()
         for a, b in zip(g_compiled, (p.grad for p in flow.parameters())):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # inductor reorders float32 sums
 
 
 def test_realnvp_default_is_the_mnist_model():
