@@ -28,18 +28,6 @@ using namespace flowkern::math;
 
 constexpr int kLogGroup = 8;
 
-// Rows per parallel chunk: about 32K elements of work, so small batches stay on one thread.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
-
-template <typename scalar_t>
-scalar_t hsum(const Vectorized<scalar_t>& v) {
-  alignas(64) scalar_t buf[Vectorized<scalar_t>::size()];
-  v.store(buf);
-  scalar_t total = 0;
-  for (int i = 0; i < Vectorized<scalar_t>::size(); ++i) total += buf[i];
-  return total;
-}
-
 // Sums log(factor) over a row: directly for "exp"/"tanh" (log m is free), through grouped
 // products for "sigmoid".
 template <typename scalar_t, int MODE, bool INVERSE>
@@ -77,7 +65,7 @@ void fwd_rows(const scalar_t* x, const scalar_t* t, const scalar_t* s, scalar_t*
   constexpr int64_t W = Vec::size();
   constexpr bool kNeedLogm = MODE != kAffineSigmoid;
   const Vec vclamp(clamp);
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n, 32768), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
       LogFactorSum<scalar_t, MODE, INVERSE> logdet;
@@ -102,7 +90,7 @@ void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* saved, con
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   const Vec vclamp(clamp);
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n, 32768), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * n;
       const Vec vgld(gld ? gld[r] : scalar_t(0));

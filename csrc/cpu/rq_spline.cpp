@@ -122,19 +122,6 @@ namespace {
 using at::vec::Vectorized;
 using namespace flowkern::math;
 
-// Rows per parallel chunk: about 4K elements (each costs ~2K + 4 exps), so small batches stay
-// on one thread.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1)); }
-
-template <typename scalar_t>
-scalar_t hsum(const Vectorized<scalar_t>& v) {
-  alignas(64) scalar_t buf[Vectorized<scalar_t>::size()];
-  v.store(buf);
-  scalar_t total = 0;
-  for (int i = 0; i < Vectorized<scalar_t>::size(); ++i) total += buf[i];
-  return total;
-}
-
 #if defined(CPU_CAPABILITY_AVX512)
 // In-register transpose of a 16 x 16 float block (r[i] = row i in, column i out).
 inline void transpose16(__m512 r[16]) {
@@ -218,7 +205,7 @@ void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t
   constexpr int64_t W = Vec::size();
   const int np = 3 * bins - 1;
   const Vec vbound(bound);
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n, 4096), [&](int64_t r0, int64_t r1) {
     alignas(64) scalar_t pbuf[kRqMaxParams * W];
     std::fill_n(pbuf, np * W, scalar_t(0));
     Vec sx[kRqMaxBins], sy[kRqMaxBins];
@@ -247,7 +234,7 @@ void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const s
   constexpr int64_t W = Vec::size();
   const int np = 3 * bins - 1;
   const Vec vbound(bound);
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n, 4096), [&](int64_t r0, int64_t r1) {
     alignas(64) scalar_t pbuf[kRqMaxParams * W];
     alignas(64) scalar_t gbuf[kRqMaxParams * W];
     std::fill_n(pbuf, np * W, scalar_t(0));

@@ -5,6 +5,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace flowkern {
 namespace math {
 
@@ -30,6 +33,22 @@ inline at::vec::Vectorized<float> fk_tanh(const at::vec::Vectorized<float>& x) {
   poly = at::vec::fmadd(u2, poly, Vec(-0.3333333333333333f));
   poly = at::vec::fmadd(u2, poly, Vec(1.0f)) * a;
   return Vec::blendv(big, poly, a < Vec(0.25f)).copysign(x);
+}
+
+// Sum of a vector's lanes, in lane order (deterministic).
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  alignas(64) T buf[at::vec::Vectorized<T>::size()];
+  v.store(buf);
+  T total = 0;
+  for (int i = 0; i < at::vec::Vectorized<T>::size(); ++i) total += buf[i];
+  return total;
+}
+
+// Rows per at::parallel_for chunk for rows of n elements: about `elements` elements of work
+// per chunk, so small batches stay on one thread.
+inline int64_t row_grain(int64_t n, int64_t elements) {
+  return std::max<int64_t>(1, elements / std::max<int64_t>(n, 1));
 }
 
 }  // namespace math

@@ -5,6 +5,7 @@
 // fp16/bf16 are loaded, computed in fp32 (at::opmath_type) and stored back.
 #include "../math/affine_coupling.h"
 #include "../ops.h"
+#include "common.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,29 +20,6 @@ namespace cuda {
 namespace {
 
 using namespace flowkern::math;
-
-constexpr int kThreads = 256;
-
-int64_t multiprocessor_count(int device) {
-  static int cached[64] = {0};  // per device; a benign race writes the same value
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  return cached[device];
-}
-
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < (blockDim.x >> 5) ? warp_sums[threadIdx.x] : acc_t(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename scalar_t, typename acc_t, int MODE, bool INVERSE>
 __global__ void affine_coupling_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t,

@@ -35,6 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
+from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
 
 __all__ = ["affine_coupling_fwd", "affine_coupling_bwd"]
 
@@ -216,24 +217,11 @@ def _affine_coupling_bwd_kernel(
         tl.store(grad_scale_ptr + idx, gs.to(grad_scale_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_cols(x: Tensor) -> Tuple[int, int]:
-    # With B == 0 there is no row to divide by; the per-row size still follows the shape.
-    rows = x.shape[0]
-    cols = 1
-    for d in x.shape[1:]:
-        cols *= d
-    return rows, cols
-
-
 def _block_for(cols: int) -> Tuple[int, int]:
     block = max(_MIN_BLOCK, min(triton.next_power_of_2(max(cols, 1)), _MAX_BLOCK))
     # One warp covers 32 lanes; more warps than BLOCK/128 would mostly idle on short rows.
     num_warps = 4 if block >= 512 else (2 if block >= 256 else 1)
     return block, num_warps
-
-
-def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton_op("flowkern::affine_coupling_fwd_triton", mutates_args=())
@@ -247,8 +235,8 @@ def _affine_coupling_fwd_op(
     logdet: Optional[Tensor],
     save_factor: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    rows, cols = _rows_cols(x)
-    ld_dtype = _logdet_dtype(x.dtype)
+    rows, cols = rows_cols(x)
+    ld_dtype = logdet_dtype(x.dtype)
     out = torch.empty_like(x)
     factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
     logdet_out = torch.empty((rows,), dtype=ld_dtype, device=x.device)
@@ -294,7 +282,7 @@ def _affine_coupling_bwd_op(
     clamp: float,
     inverse: bool,
 ) -> Tuple[Tensor, Tensor]:
-    rows, cols = _rows_cols(saved)
+    rows, cols = rows_cols(saved)
     grad_in = torch.empty_like(saved)
     grad_scale = torch.empty_like(saved)
     if rows == 0 or cols == 0:
@@ -319,31 +307,18 @@ def _affine_coupling_bwd_op(
     return grad_in, grad_scale
 
 
-def _kernels_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_affine_coupling_fwd_kernel, InterpretedFunction)
+# Shape-only fakes, needed only when the kernels are interpreted (see _common).
+def _affine_coupling_fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):
+    factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype)), factor
 
 
-# triton_op uses the op body itself as the fake (meta) kernel: on a GPU, wrap_triton turns
-# the launch into a traceable higher-order op that does nothing on fake tensors. Under
-# TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel unchanged, which then
-# tries to read the fake tensors' data and fails, so FakeTensor/meta propagation (opcheck,
-# torch.compile's shape pass) needs a shape-only fake. torch.compile still cannot trace
-# the interpreted kernels (it decomposes the body into them); that needs a real GPU.
-if _kernels_interpreted():
+def _affine_coupling_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
+    return torch.empty_like(saved), torch.empty_like(saved)
 
-    @_affine_coupling_fwd_op.register_fake
-    def _affine_coupling_fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):
-        factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
-        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_logdet_dtype(x.dtype)), factor
 
-    @_affine_coupling_bwd_op.register_fake
-    def _affine_coupling_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
-        return torch.empty_like(saved), torch.empty_like(saved)
-
+register_interpreter_fakes(_affine_coupling_fwd_kernel, [(_affine_coupling_fwd_op, _affine_coupling_fwd_fake),
+                                                         (_affine_coupling_bwd_op, _affine_coupling_bwd_fake)])
 
 register_row_vmap("flowkern::affine_coupling_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::affine_coupling_bwd_triton", BWD_TENSOR_ARGS)

@@ -74,6 +74,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..reference.rq_spline import MIN_DERIVATIVE, MIN_HEIGHT, MIN_WIDTH, params_per_element
+from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
 
 __all__ = ["rq_spline_fwd", "rq_spline_bwd"]
 
@@ -429,15 +430,6 @@ def _rq_spline_bwd_kernel(
         tl.store(gp_ptr + 2 * BINS + cd, gpd.to(gty), mask=vd)
 
 
-def _rows_cols(x: Tensor) -> Tuple[int, int]:
-    # With B == 0 there is no row to divide by; the per-row size still follows the shape.
-    rows = x.shape[0]
-    cols = 1
-    for d in x.shape[1:]:
-        cols *= d
-    return rows, cols
-
-
 def _launch_config(cols: int, bins: int) -> Tuple[int, int, int, int, int]:
     """(BLOCK, KP, KDP, programs per row, num_warps)."""
     kp = triton.next_power_of_2(bins)
@@ -448,10 +440,6 @@ def _launch_config(cols: int, bins: int) -> Tuple[int, int, int, int, int]:
     programs = min(triton.cdiv(cols, block), _MAX_PROGRAMS_PER_ROW)
     num_warps = max(1, min(8, block * kp // 256))
     return block, kp, kdp, programs, num_warps
-
-
-def _logdet_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_shapes(x: Tensor, params: Tensor, bins: int) -> None:
@@ -475,9 +463,9 @@ def _rq_spline_fwd_op(
     logdet: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     _check_shapes(x, params, bins)
-    rows, cols = _rows_cols(x)
+    rows, cols = rows_cols(x)
     out = torch.empty_like(x)
-    logdet_out = torch.empty((rows,), dtype=_logdet_dtype(x.dtype), device=x.device)
+    logdet_out = torch.empty((rows,), dtype=logdet_dtype(x.dtype), device=x.device)
     if rows == 0:
         return out, logdet_out
     if cols == 0:
@@ -541,7 +529,7 @@ def _rq_spline_bwd_op(
     # Autograd often hands expanded (stride-0) gradients; the kernel reads dense rows.
     grad_out = grad_out.contiguous()
     grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
-    rows, cols = _rows_cols(x_in)
+    rows, cols = rows_cols(x_in)
     grad_in = torch.empty_like(x_in)
     grad_params = torch.empty_like(params)
     if rows == 0 or cols == 0:
@@ -568,30 +556,17 @@ def _rq_spline_bwd_op(
     return grad_in, grad_params
 
 
-def _kernels_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(_rq_spline_fwd_kernel, InterpretedFunction)
+# Shape-only fakes, needed only when the kernels are interpreted (see _common).
+def _rq_spline_fwd_fake(x, params, bins, bound, inverse, logdet):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
 
 
-# triton_op uses the op body itself as the fake (meta) kernel: on a GPU, wrap_triton turns
-# the launch into a traceable higher-order op that does nothing on fake tensors. Under
-# TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel unchanged, which then
-# tries to read the fake tensors' data and fails, so FakeTensor/meta propagation (opcheck,
-# torch.compile's shape pass) needs a shape-only fake. torch.compile still cannot trace
-# the interpreted kernels (it decomposes the body into them); that needs a real GPU.
-if _kernels_interpreted():
+def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse):
+    return torch.empty_like(x_in), torch.empty_like(params)
 
-    @_rq_spline_fwd_op.register_fake
-    def _rq_spline_fwd_fake(x, params, bins, bound, inverse, logdet):
-        return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_logdet_dtype(x.dtype))
 
-    @_rq_spline_bwd_op.register_fake
-    def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse):
-        return torch.empty_like(x_in), torch.empty_like(params)
-
+register_interpreter_fakes(_rq_spline_fwd_kernel, [(_rq_spline_fwd_op, _rq_spline_fwd_fake),
+                                                    (_rq_spline_bwd_op, _rq_spline_bwd_fake)])
 
 register_row_vmap("flowkern::rq_spline_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::rq_spline_bwd_triton", BWD_TENSOR_ARGS)
