@@ -212,21 +212,43 @@ FLOWKERN_HD T rq_inverse_theta(const T& v, const RqBin<T>& b, const T& h, const 
   return fk_where(rho >= T(1), T(1), theta);
 }
 
+// Where an element falls in its spline and the terms both the forward and the backward use.
+template <typename T>
+struct RqPoint {
+  RqBin<T> b;
+  T w, h, delta;             // bin width, height, slope
+  T theta, om, t, th2, om2;  // theta, 1 - theta, theta (1 - theta), theta^2, (1 - theta)^2
+  T den, q;                  // the rational function's denominator; dy/dx = delta^2 q / den^2
+};
+
+// v: the input inside the bound (callers put 0 outside, which keeps unused lanes finite).
+template <bool INVERSE, bool GRADS, typename T, typename U>
+FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound, T* sx, T* sy) {
+  RqPoint<T> p;
+  p.b = rq_locate<INVERSE, GRADS>(v, u, bins, bound, sx, sy);
+  p.w = p.b.x_hi - p.b.x_lo;
+  p.h = p.b.y_hi - p.b.y_lo;
+  p.delta = p.h / p.w;
+  if constexpr (INVERSE) p.theta = rq_inverse_theta(v, p.b, p.h, p.delta);
+  else p.theta = (v - p.b.x_lo) / p.w;
+  p.om = T(1) - p.theta;
+  p.t = p.theta * p.om;
+  p.th2 = p.theta * p.theta;
+  p.om2 = p.om * p.om;
+  p.den = p.delta * (p.th2 + p.om2) + (p.b.d_lo + p.b.d_hi) * p.t;
+  p.q = p.b.d_hi * p.th2 + T(2) * p.delta * p.t + p.b.d_lo * p.om2;
+  return p;
+}
+
 // Forward (INVERSE=false: x -> y, logdet = log dy/dx) or inverse (y -> x, logdet = -log dy/dx)
 // of one element; identity with logdet 0 outside [-bound, bound]. sx, sy: scratch of K values.
 template <bool INVERSE, typename T, typename U>
 FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const T& bound, T* sx, T* sy, T& out,
                                    T& logdet) {
   const auto inside = (xin >= -bound) & (xin <= bound);
-  const T v = fk_where(inside, xin, T(0));  // keeps the unused lanes' arithmetic finite
-  const RqBin<T> b = rq_locate<INVERSE, false>(v, u, bins, bound, sx, sy);
-  const T w = b.x_hi - b.x_lo, h = b.y_hi - b.y_lo, delta = h / w;
-  T theta;
-  if constexpr (INVERSE) theta = rq_inverse_theta(v, b, h, delta);
-  else theta = (v - b.x_lo) / w;
-  const T om = T(1) - theta, t = theta * om, th2 = theta * theta, om2 = om * om;
-  const T den = delta * (th2 + om2) + (b.d_lo + b.d_hi) * t;
-  const T q = b.d_hi * th2 + T(2) * delta * t + b.d_lo * om2;
+  const RqPoint<T> p = rq_point<INVERSE, false>(fk_where(inside, xin, T(0)), u, bins, bound, sx, sy);
+  const RqBin<T>& b = p.b;
+  const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &t = p.t, &th2 = p.th2, &den = p.den, &q = p.q;
   const T r = delta / den;
   const T log_slope = fk_log(r * r * q);  // one log; delta / den lies in (0, 2]
   T o;
@@ -271,15 +293,10 @@ template <bool INVERSE, typename T, typename U, typename S>
 FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, const U& u, int bins, const T& bound,
                                     T* sx, T* sy, T& grad_in, const S& store) {
   const auto inside = (xin >= -bound) & (xin <= bound);
-  const T v = fk_where(inside, xin, T(0));
-  const RqBin<T> b = rq_locate<INVERSE, true>(v, u, bins, bound, sx, sy);
-  const T w = b.x_hi - b.x_lo, h = b.y_hi - b.y_lo, delta = h / w;
-  T theta;
-  if constexpr (INVERSE) theta = rq_inverse_theta(v, b, h, delta);
-  else theta = (v - b.x_lo) / w;
-  const T om = T(1) - theta, t = theta * om, th2 = theta * theta, om2 = om * om;
-  const T den = delta * (th2 + om2) + (b.d_lo + b.d_hi) * t;
-  const T q = b.d_hi * th2 + T(2) * delta * t + b.d_lo * om2;
+  const RqPoint<T> p = rq_point<INVERSE, true>(fk_where(inside, xin, T(0)), u, bins, bound, sx, sy);
+  const RqBin<T>& b = p.b;
+  const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &om = p.om, &t = p.t, &th2 = p.th2,
+          &om2 = p.om2, &den = p.den, &q = p.q;
   const T inv_den = T(1) / den, inv_q = T(1) / q;
   const T inv_den2 = inv_den * inv_den;
   const T r = (delta * th2 + b.d_lo * t) * inv_den;  // (y - y_lo) / h
