@@ -1,5 +1,5 @@
-"""pytest-benchmark suite of the kernels: `make bench-pytest` (or
-`python -m pytest benchmarks/test_bench_kernels.py --benchmark-only`).
+"""pytest-benchmark suite of the kernels (affine coupling, rational-quadratic spline):
+`make bench-pytest` (or `python -m pytest benchmarks/test_bench_kernels.py --benchmark-only`).
 
 The same comparisons as `python -m benchmarks` (flowkern vs eager reference vs
 torch.compile(reference)), in pytest-benchmark's format, for its statistics, --benchmark-json
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import flowkern
-from flowkern.ops import affine_coupling
-from flowkern.reference import affine_coupling_ref
+from flowkern.ops import affine_coupling, rq_spline
+from flowkern.reference import affine_coupling_ref, rq_spline_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NATIVE = "cuda" if DEVICE == "cuda" else "cpu"
@@ -53,4 +53,39 @@ def test_affine_coupling(benchmark, impl, scale, direction, shape):
 
     with flowkern.backend(backend):
         run()  # warm-up (and compilation) outside the timing
+        benchmark(run)
+
+
+SPLINE_IMPLS = {
+    "eager": (rq_spline_ref, "reference"),
+    "compile": (torch.compile(rq_spline_ref, dynamic=False), "reference"),
+    "flowkern": (rq_spline, NATIVE),
+}
+if DEVICE == "cuda":
+    SPLINE_IMPLS["flowkern-triton"] = (rq_spline, "triton")
+
+
+@pytest.mark.parametrize("impl", list(SPLINE_IMPLS))
+@pytest.mark.parametrize("direction", ["fwd", "inv", "fwd+bwd"])
+@pytest.mark.parametrize("shape", [(256, 392), (256, 784)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_rq_spline(benchmark, impl, direction, shape, bins=8):
+    op, backend = SPLINE_IMPLS[impl]
+    if backend not in flowkern.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    x = torch.randn(shape, device=DEVICE) * 1.5
+    params = torch.randn(*shape, 3 * bins - 1, device=DEVICE)
+    gy, gl = torch.randn(shape, device=DEVICE), torch.randn(shape[0], device=DEVICE)
+    leaves = [x.clone().requires_grad_(), params.clone().requires_grad_()]
+    benchmark.group = f"rq_spline {shape[0]}x{shape[1]} K={bins} {direction}"
+
+    def run():
+        if direction == "fwd+bwd":
+            y, ld = op(*leaves, bins=bins)
+            torch.autograd.grad((y, ld), leaves, (gy, gl))
+        else:
+            op(x, params, bins=bins, inverse=direction == "inv")
+        _sync()
+
+    with flowkern.backend(backend):
+        run()
         benchmark(run)
