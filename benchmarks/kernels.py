@@ -14,7 +14,7 @@ from flowkern.reference import affine_coupling_ref, rq_spline_ref
 from .common import Row, compiled, markdown_table, median_time
 
 
-def _impls(device: str, op: Callable, ref: Callable) -> dict[str, tuple[Callable, str]]:
+def implementations(device: str, op: Callable, ref: Callable) -> dict[str, tuple[Callable, str]]:
     """name -> (function, backend to run it under): eager and compiled reference, flowkern."""
     impls = {"eager": (ref, "reference")}
     comp = compiled(ref, dynamic=False)
@@ -72,7 +72,7 @@ def affine_coupling_suite(device: str, quick: bool, budget_s: float) -> tuple[li
         sizes = [(256, 392), (4096, 784), (16384, 3072)] if quick else sizes + [(16384, 3072), (65536, 3072)]
     scales = ("sigmoid", "exp") if quick else ("sigmoid", "exp", "tanh")
     rows, body = [], []
-    impls = _impls(device, affine_coupling, affine_coupling_ref)
+    impls = implementations(device, affine_coupling, affine_coupling_ref)
     for b, d in sizes:
         gen = torch.Generator().manual_seed(0)
         x, t, s, gy = (torch.randn(b, d, generator=gen).to(device) for _ in range(4))
@@ -124,7 +124,7 @@ def rq_spline_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row
     bins, bound = 8, 3.0
     sizes = [(256, 392)] if quick else [(256, 392), (256, 784)]
     rows, body = [], []
-    impls = _impls(device, rq_spline, rq_spline_ref)
+    impls = implementations(device, rq_spline, rq_spline_ref)
     nf = _nflows_spline()
     if nf is not None:
         impls["nflows"] = (nf, "reference")

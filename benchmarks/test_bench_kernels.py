@@ -14,20 +14,12 @@ import flowkern
 from flowkern.ops import affine_coupling, rq_spline
 from flowkern.reference import affine_coupling_ref, rq_spline_ref
 
+from .common import sync
+from .kernels import implementations
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NATIVE = "cuda" if DEVICE == "cuda" else "cpu"
-IMPLS = {
-    "eager": (affine_coupling_ref, "reference"),
-    "compile": (torch.compile(affine_coupling_ref, dynamic=False), "reference"),
-    "flowkern": (affine_coupling, NATIVE),
-}
-if DEVICE == "cuda":
-    IMPLS["flowkern-triton"] = (affine_coupling, "triton")
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+IMPLS = implementations(DEVICE, affine_coupling, affine_coupling_ref)
+SPLINE_IMPLS = implementations(DEVICE, rq_spline, rq_spline_ref)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -36,8 +28,6 @@ def _sync():
 @pytest.mark.parametrize("shape", [(256, 392), (256, 784)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_affine_coupling(benchmark, impl, scale, direction, shape):
     op, backend = IMPLS[impl]
-    if backend not in flowkern.available_backends():
-        pytest.skip(f"backend {backend} not available")
     x, t, s = (torch.randn(shape, device=DEVICE) for _ in range(3))
     gy, gl = torch.randn(shape, device=DEVICE), torch.randn(shape[0], device=DEVICE)
     leaves = [a.clone().requires_grad_() for a in (x, t, s)]
@@ -49,20 +39,11 @@ def test_affine_coupling(benchmark, impl, scale, direction, shape):
             torch.autograd.grad((y, ld), leaves, (gy, gl))
         else:
             op(x, t, s, scale=scale, inverse=direction == "inv")
-        _sync()
+        sync(DEVICE)
 
     with flowkern.backend(backend):
         run()  # warm-up (and compilation) outside the timing
         benchmark(run)
-
-
-SPLINE_IMPLS = {
-    "eager": (rq_spline_ref, "reference"),
-    "compile": (torch.compile(rq_spline_ref, dynamic=False), "reference"),
-    "flowkern": (rq_spline, NATIVE),
-}
-if DEVICE == "cuda":
-    SPLINE_IMPLS["flowkern-triton"] = (rq_spline, "triton")
 
 
 @pytest.mark.parametrize("impl", list(SPLINE_IMPLS))
@@ -70,8 +51,6 @@ if DEVICE == "cuda":
 @pytest.mark.parametrize("shape", [(256, 392), (256, 784)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_rq_spline(benchmark, impl, direction, shape, bins=8):
     op, backend = SPLINE_IMPLS[impl]
-    if backend not in flowkern.available_backends():
-        pytest.skip(f"backend {backend} not available")
     x = torch.randn(shape, device=DEVICE) * 1.5
     params = torch.randn(*shape, 3 * bins - 1, device=DEVICE)
     gy, gl = torch.randn(shape, device=DEVICE), torch.randn(shape[0], device=DEVICE)
@@ -84,7 +63,7 @@ def test_rq_spline(benchmark, impl, direction, shape, bins=8):
             torch.autograd.grad((y, ld), leaves, (gy, gl))
         else:
             op(x, params, bins=bins, inverse=direction == "inv")
-        _sync()
+        sync(DEVICE)
 
     with flowkern.backend(backend):
         run()

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import get_backend, resolve
+from .._backend import BackendUnavailable, get_backend, resolve
 from ..reference.rq_spline import MIN_HEIGHT, MIN_WIDTH, params_per_element, rq_spline_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions
@@ -89,8 +89,10 @@ def rq_spline(
         raise ValueError(f"params is on {params.device} but x is on {x.device}")
     logdet = _checks.running_logdet(logdet, x)
     impl = resolve(x.device)
-    if impl == "compiled" and not _ext.has_op("rq_spline_fwd"):
-        impl = "triton" if x.device.type == "cuda" and get_backend() == "auto" else "reference"
+    if impl == "compiled" and not _ext.has_op("rq_spline_fwd"):  # an extension built before the spline
+        if get_backend() != "auto":
+            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no spline kernels; rebuild it")
+        impl = "triton" if x.device.type == "cuda" else "reference"
     if impl != "reference":
         unsupported = ("bins > 64" if bins > KERNEL_MAX_BINS else
                        "float64 (the Triton kernels compute in float32)" if impl == "triton" and x.dtype == torch.float64
