@@ -20,7 +20,8 @@ includes = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")] +
 flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-DFLOWKERN_WITH_CUDA", "-D__CUDA_NO_HALF_OPERATORS__",
          "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
          "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC"]
-sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
+# Every CUDA source, or only the ones named on the command line (while working on one).
+sources = [os.path.abspath(a) for a in sys.argv[1:]] or sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
 if torch.version.cuda is None:
     sys.exit("nvcc check: this torch has no CUDA headers")
 with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,45 @@ TORCH_LIBRARY(flowkern, m) {
   // (grad x_in, grad params); x_in is the op's input (x going forward, y going back).
   m.def("rq_spline_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor x_in, Tensor params, int bins, float bound, "
         "bool inverse) -> (Tensor, Tensor)");
+
+  // The per-channel ops take x (B, C, *spatial) viewed as (B, C, S), S = prod(spatial), and (C,)
+  // parameters of x's dtype; their log-det is the same for every row. Their CPU and CUDA
+  // implementations register themselves (TORCH_LIBRARY_IMPL) in their own source files.
+  //
+  // actnorm: out = (x + shift) * exp(log_scale), or its inverse x = out * exp(-log_scale) - shift.
+  m.def("actnorm_fwd(Tensor x, Tensor shift, Tensor log_scale, bool inverse, Tensor? logdet) -> (Tensor, Tensor)");
+  // (grad_x, grad_shift, grad_log_scale) from the op's OUTPUT `out` (y going forward, x going
+  // back), which the next layer keeps anyway; parameter grads reduced deterministically.
+  m.def("actnorm_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor out, Tensor shift, Tensor log_scale, "
+        "bool inverse) -> (Tensor, Tensor, Tensor)");
+  // Per-channel (mean, biased var) over batch and space, deterministic.
+  m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
+  // batch-norm flow with given statistics: out = (x - mean) * exp(a) + beta,
+  // a = log_gamma - 0.5 log(var + eps); inverse x = (out - beta) * exp(-a) + mean.
+  m.def("batchnorm_flow_fwd(Tensor x, Tensor mean, Tensor var, Tensor log_gamma, Tensor beta, float eps, "
+        "bool inverse, Tensor? logdet) -> (Tensor, Tensor)");
+  // (grad_x, grad_mean, grad_var, grad_log_gamma, grad_beta) from the op's output. With
+  // batch_stats (forward only), mean/var were batch_stats(x): grad_x includes the paths through
+  // them and grad_mean, grad_var are empty.
+  m.def("batchnorm_flow_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor out, Tensor mean, Tensor var, "
+        "Tensor log_gamma, Tensor beta, float eps, bool inverse, bool batch_stats) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // dequantize_logit: uint8 pixels x (B, ...) -> y = logit(alpha + (1 - 2 alpha)(x + u) / 256)
+  // of `dtype`, u the given noise (of `dtype`) or, when noise is None, the counter-based uniform
+  // noise of `seed` (math/dequantize_logit.h); logdet adds -D log 256 + the logit's log-det.
+  m.def("dequantize_logit_fwd(Tensor x, Tensor? noise, int seed, float alpha, ScalarType dtype, Tensor? logdet) "
+        "-> (Tensor, Tensor)");
+  // grad of the given noise (recomputed from x and noise).
+  m.def("dequantize_logit_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor x, Tensor noise, float alpha) -> Tensor");
+  // Sampling direction: logits y -> pixel values clamp(floor(256 v), 0, 255) in y's dtype, and
+  // the inverse's log-det.
+  m.def("dequantize_logit_inv(Tensor y, float alpha, Tensor? logdet) -> (Tensor, Tensor)");
+
+  // gaussian_nll: per row 0.5 sum z^2 + D/2 log(2 pi) - logdet, divided by D ln 2 when bits.
+  m.def("gaussian_nll_fwd(Tensor z, Tensor? logdet, bool bits) -> Tensor");
+  // grad_z = grad_row * z (/ D ln 2 when bits); the log-det's gradient is -grad (/ D ln 2).
+  m.def("gaussian_nll_bwd(Tensor grad, Tensor z, bool bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
