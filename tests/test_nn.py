@@ -223,3 +223,24 @@ def test_realnvp_default_is_the_mnist_model():
     assert hidden.in_features == 392 and hidden.out_features == 512
     # alternating masks: every feature is transformed by some layer
     assert (flow.layers[0].mask ^ flow.layers[1].mask).all()
+
+
+@pytest.mark.parametrize("mask, layout", [("alternate", "interleaved"), ("half", "blocks"),
+                                          (torch.tensor([True, False, False, True, True, False]), "general")])
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("images", [False, True])
+def test_coupling_split_and_merge_follow_the_mask(mask, layout, flip, images):
+    # The view-based split/merge must pick exactly the features index_select would, in order,
+    # and route gradients the same way.
+    layer = (ConvAffineCoupling(6, 4, mask=mask, flip=flip) if images else AffineCoupling(6, 4, mask=mask, flip=flip))
+    assert layer._layout[0] == layout
+    x = torch.randn(3, 6, 2, 2) if images else torch.randn(3, 6)
+    x.requires_grad_(True)
+    kept, moved = layer._take(x)
+    torch.testing.assert_close(kept, x.index_select(1, layer.kept_idx), rtol=0, atol=0)
+    torch.testing.assert_close(moved, x.index_select(1, layer.moved_idx), rtol=0, atol=0)
+    merged = layer._merge(kept * 2, moved * 3)
+    expect = torch.where(layer.mask.view(1, 6, *([1] * (x.dim() - 2))), x * 3, x * 2)
+    torch.testing.assert_close(merged, expect, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(merged.sum(), x)
+    torch.testing.assert_close(g, torch.where(layer.mask.view(1, 6, *([1] * (x.dim() - 2))), 3.0, 2.0).expand_as(x))

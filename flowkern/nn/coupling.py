@@ -41,6 +41,24 @@ def coupling_mask(features: int, mask: Union[str, torch.Tensor] = "alternate", f
     return m
 
 
+def _mask_layout(mask: torch.Tensor):
+    """How a mask's two parts sit in dim 1, for splitting and merging without gathers:
+    ("interleaved", kept_first) for alternating features (an even count), ("blocks",
+    kept_first) for two contiguous runs, ("general", True) otherwise (index_select).
+
+    Views and stack/cat copy once each way; index_select's backward (a zero fill and a
+    scatter-add per part) cost as much as the coupling's own kernels at MNIST sizes.
+    """
+    m = mask.tolist()
+    n = len(m)
+    if n % 2 == 0 and all(m[i] != m[i + 1] for i in range(n - 1)):
+        return "interleaved", not m[0]
+    changes = sum(m[i] != m[i + 1] for i in range(n - 1))
+    if changes == 1:
+        return "blocks", not m[0]
+    return "general", True
+
+
 class MLP(nn.Sequential):
     """in -> hidden -> hidden -> out with ReLU; the last layer starts at zero (couplings set
     its bias so that they start as the identity)."""
@@ -95,14 +113,14 @@ class _Coupling(FlowLayer):
         self.register_buffer("moved_idx", moved, persistent=False)
         # cat([kept, moved])[:, merge_idx] restores the original feature order.
         self.register_buffer("merge_idx", torch.argsort(torch.cat([kept, moved])), persistent=False)
+        self._layout = _mask_layout(m)
         self.params_per_feature = params_per_feature
         net = ConvNet if self.IMAGES else MLP
         self.conditioner = net(len(kept) + context, hidden, params_per_feature * len(moved))
 
     def _split(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         self.check_input(x)
-        kept = x.index_select(1, self.kept_idx)
-        moved = x.index_select(1, self.moved_idx)
+        kept, moved = self._take(x)
         h = kept
         if self.context_features:
             if context is None:
@@ -117,7 +135,27 @@ class _Coupling(FlowLayer):
         params = self.conditioner(h).view(x.shape[0], self.params_per_feature, len(self.moved_idx), *x.shape[2:])
         return kept, moved, params
 
+    def _take(self, x: torch.Tensor):
+        """(kept, moved) parts of x along dim 1, as views where the mask's layout allows."""
+        kind, kept_first = self._layout
+        if kind == "interleaved":  # every other feature: a (B, F/2, 2, ...) view, unbound
+            pairs = x.reshape(x.shape[0], x.shape[1] // 2, 2, *x.shape[2:]).unbind(2)
+            return pairs if kept_first else pairs[::-1]
+        if kind == "blocks":  # one contiguous run each
+            k = len(self.kept_idx)
+            if kept_first:
+                return x[:, :k], x[:, k:]
+            return x[:, x.shape[1] - k:], x[:, :x.shape[1] - k]
+        return x.index_select(1, self.kept_idx), x.index_select(1, self.moved_idx)
+
     def _merge(self, kept: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        kind, kept_first = self._layout
+        parts = [kept, moved] if kept_first else [moved, kept]
+        if kind == "interleaved":
+            merged = torch.stack(parts, dim=2)
+            return merged.view(merged.shape[0], merged.shape[1] * 2, *merged.shape[3:])
+        if kind == "blocks":
+            return torch.cat(parts, dim=1)
         return torch.cat([kept, moved], dim=1).index_select(1, self.merge_idx)
 
     def check_input(self, x: torch.Tensor) -> None:
