@@ -317,3 +317,17 @@ def test_multiscale_flow():
     lp.mean().backward()
     assert all(p.grad is not None for p in flow.parameters())
     assert math.isfinite(lp.sum().item())
+
+
+def test_permutation_evens_first_and_given():
+    x = torch.arange(7.0).reshape(1, 7)
+    layer = Permutation(7, "evens_first")
+    assert layer(x)[0].tolist() == [[0, 2, 4, 6, 1, 3, 5]]
+    back = Permutation(7, layer.inverse_permutation)
+    assert torch.equal(back(layer(x)[0])[0], x) and back.kind == "given"
+    assert torch.equal(layer.inverse(layer(x)[0])[0], x)
+    for bad in (torch.tensor([0, 0, 1]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0, 1])):
+        with pytest.raises(ValueError, match="0..2 once each"):
+            Permutation(3, bad)
+    with pytest.raises(ValueError, match="kind"):
+        Permutation(3, "sideways")

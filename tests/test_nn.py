@@ -217,12 +217,34 @@ def test_compile_fullgraph_matches_eager(backend, coupling):
 
 def test_realnvp_default_is_the_mnist_model():
     flow = RealNVP()
-    assert flow.features == 784 and len(flow.layers) == 8
-    assert all(isinstance(l, AffineCoupling) and l.scale == "sigmoid" for l in flow.layers)
-    hidden = flow.layers[0].conditioner[0]
+    couplings = flow.couplings
+    assert flow.features == 784 and len(couplings) == 8 and len(flow.layers) == 10  # + 2 permutations
+    assert all(isinstance(l, AffineCoupling) and l.scale == "sigmoid" for l in couplings)
+    hidden = couplings[0].conditioner[0]
     assert hidden.in_features == 392 and hidden.out_features == 512
-    # alternating masks: every feature is transformed by some layer
-    assert (flow.layers[0].mask ^ flow.layers[1].mask).all()
+    # alternating masks: every feature is transformed by some layer; laid out as halves
+    assert (couplings[0].mask ^ couplings[1].mask).all()
+    assert all(c._layout[0] == "blocks" for c in couplings)
+
+
+@pytest.mark.parametrize("features", [6, 7])
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_realnvp_halves_layout_is_the_interleaved_model(features, coupling):
+    # RealNVP permutes evens-first once and splits halves; the same couplings with interleaved
+    # masks on the unpermuted data must compute exactly the same function.
+    torch.manual_seed(0)
+    flow = perturb_(RealNVP(features, layers=3, hidden=8, coupling=coupling), scale=0.3)
+    x = torch.randn(5, features)
+    h, ld = x, torch.zeros(5)
+    for i, layer in enumerate(flow.couplings):
+        moved = coupling_mask(features, "alternate", flip=i % 2 == 1)
+        ref = (AffineCoupling(features, 8, mask=moved) if coupling == "affine"
+               else flowkern.nn.SplineCoupling(features, 8, mask=moved))
+        ref.load_state_dict(layer.state_dict())
+        h, ld = ref(h, None, ld)
+    z, logdet = flow(x)
+    torch.testing.assert_close(z, h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logdet, ld, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mask, layout", [("alternate", "interleaved"), ("half", "blocks"),

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..nn import AdditiveCoupling, AffineCoupling, Flow, SplineCoupling, StandardNormal
+import torch
+
+from ..nn import AdditiveCoupling, AffineCoupling, Flow, Permutation, SplineCoupling, StandardNormal
 from ._common import NORMS, norm_layer, preprocess_layers
 
 COUPLINGS = ("affine", "additive", "spline")
@@ -13,13 +15,20 @@ class RealNVP(Flow):
     """`layers` couplings on (B, features) with MLP conditioners of width `hidden`; layer i
     transforms the odd features when i is even and the even ones when i is odd.
 
+    The alternating masks are laid out as two halves: after the preprocessing a fixed
+    Permutation("evens_first") puts the even features first, the couplings split each row into
+    its two contiguous halves (views, no gather), and a last Permutation restores the order, so
+    forward() returns z in the input's feature order. The model is the same function as
+    couplings with interleaved masks (the same features feed the same conditioner inputs, in the
+    same order); ActNorm/BatchNorm parameters are indexed in the permuted order.
+
     Args:
         coupling: "affine" (AffineCoupling with `scale`), "additive" (NICE, volume preserving) or
             "spline" (SplineCoupling with `bins` and `bound`: Neural Spline Flows).
         norm: None, "actnorm" or "batchnorm": a normalisation layer before each coupling.
         context: width of a conditioning vector (0: unconditional).
-        dequantize: start with Dequantize + Logit(alpha), so the flow takes 8-bit pixels
-            (integer tensors) and bits_per_dim works; otherwise it takes real-valued data.
+        dequantize: start with the fused DequantizeLogit(alpha) layer, so the flow takes 8-bit
+            pixels (integer tensors) and bits_per_dim works; otherwise it takes real-valued data.
     """
 
     def __init__(self, features: int = 784, layers: int = 8, hidden: int = 512, coupling: str = "affine",
@@ -31,17 +40,29 @@ class RealNVP(Flow):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if not isinstance(layers, int) or layers < 1:
             raise ValueError(f"layers must be a positive int, got {layers!r}")
+        if not isinstance(features, int) or features < 2:
+            raise ValueError(f"features must be an int >= 2, got {features!r}")
         blocks = preprocess_layers(dequantize, alpha)
+        to_halves = Permutation(features, "evens_first")
+        blocks.append(to_halves)
+        evens = (features + 1) // 2
+        # In the permuted order the odd features are the second half.
+        odd_half = torch.arange(features) >= evens
         for i in range(layers):
             if norm is not None:
                 blocks.append(norm_layer(norm, features))
+            mask = odd_half if i % 2 == 0 else ~odd_half
             if coupling == "affine":
-                blocks.append(AffineCoupling(features, hidden, mask="alternate", flip=i % 2 == 1, scale=scale,
-                                             context=context))
+                blocks.append(AffineCoupling(features, hidden, mask=mask, scale=scale, context=context))
             elif coupling == "spline":
-                blocks.append(SplineCoupling(features, hidden, bins=bins, bound=bound, mask="alternate",
-                                             context=context, flip=i % 2 == 1))
+                blocks.append(SplineCoupling(features, hidden, bins=bins, bound=bound, mask=mask, context=context))
             else:
-                blocks.append(AdditiveCoupling(features, hidden, mask="alternate", flip=i % 2 == 1, context=context))
+                blocks.append(AdditiveCoupling(features, hidden, mask=mask, context=context))
+        blocks.append(Permutation(features, to_halves.inverse_permutation))
         super().__init__(blocks, StandardNormal(features))
         self.features = features
+
+    @property
+    def couplings(self) -> list:
+        """The coupling layers, in order."""
+        return [layer for layer in self.layers if isinstance(layer, (AffineCoupling, AdditiveCoupling, SplineCoupling))]

@@ -8,7 +8,7 @@ triangular solves instead of a matrix inverse.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -199,18 +199,34 @@ class Permutation(FlowLayer):
     """Permutes dim 1 (the features of (B, F), or the channels of (B, C, ...)): y[:, i] = x[:, perm[i]].
 
     kind="reverse" reverses the order; kind="random" draws a permutation from torch's global RNG
-    at construction. The permutation is a persistent buffer: it is saved in the state dict, and
-    a model loaded from one uses the saved permutation. log-det 0. Context is ignored.
+    at construction; kind="evens_first" puts the even indices first, then the odd ones (it turns
+    alternating masks into two contiguous halves); or pass the permutation itself, a 1-D integer
+    tensor holding 0..n-1 once each. The permutation is a persistent buffer: it is saved in the
+    state dict, and a model loaded from one uses the saved permutation. log-det 0. Context is
+    ignored.
     """
 
-    KINDS = ("reverse", "random")
+    KINDS = ("reverse", "random", "evens_first")
 
-    def __init__(self, features_or_channels: int, kind: str = "reverse"):
+    def __init__(self, features_or_channels: int, kind: Union[str, torch.Tensor] = "reverse"):
         super().__init__()
         n = _check_size("features_or_channels", features_or_channels)
-        _checks.choice("kind", kind, self.KINDS)
-        self.features, self.kind = n, kind
-        perm = torch.arange(n - 1, -1, -1) if kind == "reverse" else torch.randperm(n)
+        self.features = n
+        if isinstance(kind, torch.Tensor):
+            if kind.dtype.is_floating_point or kind.dtype == torch.bool or kind.shape != (n,) or not torch.equal(
+                    torch.sort(kind.cpu()).values, torch.arange(n)):
+                raise ValueError(f"a given permutation must be an integer tensor holding 0..{n - 1} once each, "
+                                 f"got {kind.dtype} of shape {tuple(kind.shape)}")
+            self.kind, perm = "given", kind.cpu()
+        else:
+            _checks.choice("kind", kind, self.KINDS)
+            self.kind = kind
+            if kind == "reverse":
+                perm = torch.arange(n - 1, -1, -1)
+            elif kind == "random":
+                perm = torch.randperm(n)
+            else:
+                perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
         _register_permutation(self, perm)
 
     def _check(self, name: str, x: torch.Tensor) -> None:
