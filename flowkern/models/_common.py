@@ -15,9 +15,10 @@ def norm_layer(norm: Optional[str], channels: int) -> nn.Module:
 
 
 def preprocess_layers(dequantize: bool, alpha: float) -> list:
-    """[Dequantize, Logit(alpha)] when the model takes 8-bit pixels, else nothing."""
+    """[DequantizeLogit(alpha)] (Dequantize and Logit fused) when the model takes 8-bit pixels,
+    else nothing."""
     if not dequantize:
         return []
-    from ..nn.preprocess import Dequantize, Logit
+    from ..nn.preprocess import DequantizeLogit
 
-    return [Dequantize(), Logit(alpha)]
+    return [DequantizeLogit(alpha)]

@@ -1,6 +1,7 @@
-"""Preprocessing layers for 8-bit images: Dequantize, Logit, and bits_per_dim.
+"""Preprocessing layers for 8-bit images: DequantizeLogit (fused), Dequantize, Logit, and bits_per_dim.
 
-A flow over images starts Flow([Dequantize(), Logit(alpha), ...], base=StandardNormal(shape)):
+A flow over images starts Flow([DequantizeLogit(alpha), ...], base=StandardNormal(shape)), the
+fused form of Flow([Dequantize(), Logit(alpha), ...]) (the ready-made models use it):
 
     Dequantize   x in {0, ..., 255}^D  ->  v = (x + u) / 256,  u ~ U[0, 1)^D fresh each call,
                  log-det -D log 256 per row
@@ -11,6 +12,8 @@ pixel scale [0, 256)^D. Its expectation over u is the Theis et al. (2016) lower 
 discrete log P(x), and bits_per_dim(log_prob, D) = -log_prob / (D ln 2) is the bits/dim papers
 report for 8-bit data (a uniform model scores exactly 8). Sampling runs the other way:
 Logit.inverse, then Dequantize.inverse quantizes to float pixel values (.to(torch.uint8)).
+DequantizeLogit does both steps in one kernel each way; its noise is counter-based (a hash of a
+seed drawn from torch's global RNG and the element index, generated inside the kernel).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.dequantize import check_alpha, check_dtype, dequantize, logit, quantize
+from ..ops.dequantize import (check_alpha, check_dtype, dequantize, dequantize_logit, dequantize_logit_inverse, logit,
+                              quantize)
 from .flow import FlowLayer
 
 
@@ -81,6 +85,36 @@ class Logit(FlowLayer):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}"
+
+
+class DequantizeLogit(Dequantize):
+    """Dequantize followed by Logit(alpha), fused into one kernel each way (flowkern.ops.dequantize_logit).
+
+    forward(x) -> (y, logdet): integer pixels x (B, ...) (uint8 preferred) to logits y of the
+    layer's dtype, v = (x + u) / 256, y = logit(alpha + (1 - 2 alpha) v), with fresh counter-based
+    noise u each call, its seed drawn from torch's global RNG (seed it with torch.manual_seed);
+    logdet += -D log 256 + the logit's log-det. inverse(y) -> (x, logdet): pixel values
+    clamp(floor(256 v), 0, 255) in y's dtype (.to(torch.uint8) for an image), the negated
+    log-det. Context is ignored.
+
+    A Dequantize (Flow.bits_per_dim accepts a flow that starts with it); the output dtype follows
+    module casts like Dequantize's.
+    """
+
+    def __init__(self, alpha: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__(dtype)
+        self.alpha = check_alpha(alpha)
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        return dequantize_logit(x, alpha=self.alpha, dtype=self.dtype, logdet=logdet)
+
+    def inverse(self, z: torch.Tensor, context: Optional[torch.Tensor] = None,
+                logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        return dequantize_logit_inverse(z, alpha=self.alpha, logdet=logdet)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, dtype={self.dtype}"
 
 
 def bits_per_dim(log_prob: torch.Tensor, dims: int) -> torch.Tensor:

@@ -4,33 +4,49 @@
     quantize:    x = clamp(floor(256 v), 0, 255)       logdet = +D log 256
     logit:       v' = alpha + (1 - 2 alpha) v, y = log v' - log(1 - v')
                  logdet = sum(log(1 - 2 alpha) - log v' - log(1 - v'));  inverse negates it
-    dequantize_logit = logit(dequantize(x)), the whole preprocessing in one op
+    dequantize_logit = logit(dequantize(x)), the whole preprocessing in one fused op
+    dequantize_logit_inverse = quantize(logit^-1(y)), its sampling direction, fused
 
 Pixels x in {0, ..., 255}; D = prod(x.shape[1:]). With these log-dets a flow's log_prob of uint8
 data is the log-density of the dequantized data x + u on the pixel scale [0, 256)^D, whose
 expectation over u is the Theis et al. (2016) lower bound on the discrete log P(x); bits/dim =
 -log_prob / (D ln 2) (flowkern.nn.preprocess.bits_per_dim) is then the number papers report.
 
-These ops check their arguments and run flowkern.reference.dequantize. Fused kernels (one pass:
-uint8 in, noise drawn in the kernel from a seed or read, float out with the per-row log-det)
-arrive later behind these same signatures; until then the backend switch does not change
-these ops. Checks that read tensor values (integer pixels other than uint8 in [0, 255], noise in
-[0, 1)) synchronize with a GPU; they are skipped while torch.compile traces.
+dequantize_logit and dequantize_logit_inverse run fused kernels behind the backend switch (the
+compiled C++/CUDA ops, Triton, or the reference): one pass, uint8 in (one byte per pixel read),
+logits out with the per-row log-det. Their noise, when not given, is counter-based
+(flowkern.reference.dequantize.counter_uniform): a hash of (seed, element index) that every
+backend computes in place, bit-identical, so the same seed gives the same u everywhere and
+the noise costs no memory traffic. dequantize, quantize and logit are reference ops. Checks that
+read tensor values (integer pixels other than uint8 in [0, 255], noise in [0, 1)) synchronize
+with a GPU; they are skipped while torch.compile traces and inside torch.func transforms.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
 
-from ..reference.dequantize import dequantize_logit_ref, dequantize_ref, logit_ref, quantize_ref
+from .. import _ext
+from .._backend import BackendUnavailable, get_backend, resolve
+from ..reference.dequantize import (dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref, draw_seed,
+                                    logit_ref, quantize_ref, seed_as_int64)
 from . import _checks
+from ._autograd import apply, kernel_functions
+from ._vmap import register_row_vmap
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether a value check may read t: not while torch.compile traces, and not on a torch.func
+    (vmap/jacrev) wrapper, whose values are per-sample."""
+    return not _tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def check_pixels(name: str, x) -> torch.Tensor:
@@ -42,7 +58,7 @@ def check_pixels(name: str, x) -> torch.Tensor:
                         f"got dtype {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (at least 1-D), got shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8 and x.numel() > 0 and not _tracing():
+    if x.dtype != torch.uint8 and x.numel() > 0 and _values_readable(x):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{name} must hold pixel values in [0, 255], got values in [{lo}, {hi}]")
@@ -61,9 +77,9 @@ def check_noise(noise, x: torch.Tensor) -> Optional[torch.Tensor]:
         raise ValueError(f"noise must have the shape of x_uint8 {tuple(x.shape)}, got {tuple(noise.shape)}")
     if noise.device != x.device:
         raise ValueError(f"noise is on {noise.device} but x_uint8 is on {x.device}")
-    if noise.numel() > 0 and not _tracing():
-        ok = bool(((noise >= 0) & (noise < 1)).all())  # NaN fails both comparisons
-        if not ok:
+    if noise.numel() > 0 and _values_readable(noise):
+        lo, hi = torch.aminmax(noise)  # one pass; NaN propagates and fails both comparisons
+        if not bool((lo >= 0) & (hi < 1)):
             raise ValueError(f"noise must lie in [0, 1), got values in [{noise.min().item()}, {noise.max().item()}]"
                              + (" and NaN" if bool(noise.isnan().any()) else ""))
     return noise
@@ -79,6 +95,24 @@ def check_generator(generator, x: torch.Tensor) -> Optional[torch.Generator]:
                                             and gen_device.index != x.device.index):
         raise ValueError(f"generator is on {gen_device} but x_uint8 is on {x.device}")
     return generator
+
+
+def check_seed_generator(generator) -> Optional[torch.Generator]:
+    """A generator that only draws the counter noise's seed: any device (a CPU one needs no sync)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def check_seed(seed) -> Optional[int]:
+    """None, or an integer seed in [-2^63, 2^64), returned as the int64 with its 64 bits."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not -(2 ** 63) <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must fit in 64 bits, in [-2**63, 2**64), got {seed}")
+    return seed_as_int64(seed)
 
 
 def check_dtype(dtype) -> torch.dtype:
@@ -165,26 +199,203 @@ def logit(
     return logit_ref(v, alpha=alpha, inverse=bool(inverse), logdet=logdet)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _impl_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation of the fused ops for tensors on `device` computing in `dtype`."""
+    impl = resolve(device)
+    if impl == "compiled" and not _ext.has_op("dequantize_logit_fwd"):  # an extension built before the op
+        if get_backend() != "auto":
+            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no dequantize_logit kernels; "
+                                     "rebuild it")
+        impl = "triton" if device.type == "cuda" else "reference"
+    if impl == "triton" and dtype == torch.float64:
+        # The Triton kernels compute in float32: never hand them float64 silently.
+        if get_backend() == "triton":
+            raise TypeError("the Triton kernels compute in float32; for dtype float64 use backend 'cpu', 'cuda' "
+                            "or 'reference'")
+        impl = "reference"
+    return impl
+
+
+def _kernels(impl: str):
+    if impl == "compiled":
+        ops = torch.ops.flowkern
+        return ops.dequantize_logit_fwd, ops.dequantize_logit_bwd, ops.dequantize_logit_inv
+    from ..triton import dequantize_logit as tk
+
+    return tk.dequantize_logit_fwd, tk.dequantize_logit_bwd, tk.dequantize_logit_inv
+
+
+def _fwd_run(x, noise, logdet, seed, alpha, dtype, impl):
+    return _kernels(impl)[0](x, noise, seed, alpha, dtype, logdet)
+
+
+def _fwd_save(ctx, inputs, outputs):
+    x, noise, logdet, seed, alpha, dtype, impl = inputs
+    # The backward recomputes v' from the pixels and the noise: nothing else is kept.
+    ctx.save_for_backward(x, noise)
+    ctx.config = (alpha, dtype, impl)
+    ctx.has_logdet = logdet is not None
+
+
+def _fwd_backward(ctx, grad_out, grad_logdet):
+    x, noise = ctx.saved_tensors
+    alpha, dtype, impl = ctx.config
+    grad_noise = None
+    if noise is not None and ctx.needs_input_grad[1]:
+        # y unused: a zero gradient of the kernel's output dtype (grad_out of a .sum() is expanded).
+        grad_out = torch.zeros(x.shape, dtype=dtype, device=x.device) if grad_out is None else grad_out.contiguous()
+        grad_ld = None if grad_logdet is None else grad_logdet.contiguous()
+        grad_noise = _kernels(impl)[1](grad_out, grad_ld, x, noise, alpha)
+    return None, grad_noise, (grad_logdet if ctx.has_logdet else None), None, None, None, None
+
+
+def _inv_run(y, logdet, alpha, impl):
+    return _kernels(impl)[2](y, alpha, logdet)
+
+
+def _inv_save(ctx, inputs, outputs):
+    y, logdet, alpha, impl = inputs
+    ctx.save_for_backward(y)
+    ctx.has_logdet = logdet is not None
+
+
+def _inv_backward(ctx, grad_out, grad_logdet):
+    (y,) = ctx.saved_tensors
+    grad_y = None
+    if ctx.needs_input_grad[0]:
+        # The pixels are a floor: zero gradient. The log-det's, d/dy (logsigmoid(y) + logsigmoid(-y)),
+        # is 1 - 2 sigmoid(y) per element; plain torch, as sampling rarely differentiates.
+        if grad_logdet is None:
+            grad_y = torch.zeros_like(y)
+        else:
+            t = y.to(_compute_dtype(y.dtype))
+            gld = grad_logdet.reshape(-1, *([1] * (y.dim() - 1)))
+            grad_y = (gld * (1 - 2 * torch.sigmoid(t))).to(y.dtype)
+    return grad_y, (grad_logdet if ctx.has_logdet else None), None, None
+
+
+_FWD_FUNCTIONS = kernel_functions("DequantizeLogitFunction", _fwd_run, _fwd_save, _fwd_backward)
+_INV_FUNCTIONS = kernel_functions("DequantizeLogitInverseFunction", _inv_run, _inv_save, _inv_backward)
+
+
 def dequantize_logit(
     x_uint8: torch.Tensor,
     noise: Optional[torch.Tensor] = None,
     *,
     alpha: float = 1e-6,
     generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
     logdet: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """logit(dequantize(x)) in one op: uint8 pixels in, logits of `dtype` out.
+    """logit(dequantize(x)) fused: uint8 pixels in, logits of `dtype` out, in one pass.
 
-    Arguments as dequantize and logit. logdet (B,) = -D log 256 + sum(log(1 - 2 alpha)
-    - log v' - log(1 - v')), added to `logdet` when given. Its inverse (for sampling) is
-    quantize(logit(y, alpha=alpha, inverse=True)).
+        v = (x + u) / 256 (kept below (x + 1) / 256),  v' = alpha + (1 - 2 alpha) v,
+        y = log v' - log(1 - v'),
+        logdet = -D log 256 + sum(log(1 - 2 alpha) - log v' - log(1 - v'))   (+ `logdet`)
+
+    x_uint8: (B, ...) integer pixels in [0, 255] (uint8 preferred; other integer dtypes are
+    value-checked). noise: u, a floating tensor of x's shape in [0, 1), differentiable (dL/du
+    flows back: variational dequantization trains through it), or None for the counter-based
+    noise of `seed` (flowkern.reference.dequantize.counter_uniform: the same u on every backend
+    for the same seed). seed None draws one int64 from `generator` (a torch.Generator; a CPU one
+    costs no device sync) or from torch's global CPU RNG, so torch.manual_seed makes it
+    reproducible. Under torch.compile tracing, noise and seed both None draw u with torch.rand
+    instead (reading a seed back would break the graph). dtype: y's dtype; float16/bfloat16
+    compute in float32 and round once. Returns (y, logdet (B,), float32, float64 for float64).
+    The inverse (sampling) is dequantize_logit_inverse.
     """
     check_pixels("x_uint8", x_uint8)
     noise = check_noise(noise, x_uint8)
     alpha = check_alpha(alpha)
-    generator = check_generator(generator, x_uint8)
+    generator = check_seed_generator(generator)
+    seed = check_seed(seed)
     dtype = check_dtype(dtype)
     logdet = _running_logdet(logdet, x_uint8, dtype)
-    return dequantize_logit_ref(x_uint8, noise, alpha=alpha, generator=generator, dtype=dtype, logdet=logdet)
+    if noise is not None and seed is not None:
+        raise ValueError("pass noise or seed, not both (seed chooses the noise when noise is None)")
+    compute = _compute_dtype(dtype)
+    if noise is None and seed is None:
+        if _tracing():
+            device = generator.device if generator is not None else x_uint8.device
+            noise = torch.rand(x_uint8.shape, generator=generator, dtype=compute, device=device).to(x_uint8.device)
+        else:
+            seed = draw_seed(generator)
+    impl = _impl_for(x_uint8.device, dtype)
+    if impl == "reference":
+        return dequantize_logit_ref(x_uint8, noise, alpha=alpha, seed=seed, dtype=dtype, logdet=logdet)
+    x = x_uint8.to(torch.uint8).contiguous()  # the kernels read one byte per pixel
+    if noise is not None:
+        noise = noise.to(compute).contiguous()  # as the reference: u in the compute dtype
+    # The CPU kernels are float32/float64: half outputs are rounded from float32 here.
+    kernel_dtype = compute if impl == "compiled" and x.device.type == "cpu" else dtype
+    y, ld = apply(_FWD_FUNCTIONS, _fwd_run, (x, noise, logdet),
+                  x, noise, logdet, 0 if seed is None else seed, alpha, kernel_dtype, impl)
+    return y.to(dtype), ld
 
+
+def dequantize_logit_inverse(
+    y: torch.Tensor,
+    *,
+    alpha: float = 1e-6,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dequantize_logit's sampling direction, fused: logits y (B, ...) -> pixel values.
+
+        v = (sigmoid(y) - alpha) / (1 - 2 alpha),   pixels = clamp(floor(256 v), 0, 255)
+        logdet = sum(logsigmoid(y) + logsigmoid(-y) - log(1 - 2 alpha)) + D log 256   (+ `logdet`)
+
+    the negated forward log-det at the same point (= quantize(logit(y, inverse=True)) for
+    float32/float64; half y computes in float32). Pixels come back in y's floating dtype with
+    integer values (.to(torch.uint8) for an image); NaN stays NaN. Gradient: none through the
+    pixels (a floor); the log-det's is (1 - 2 sigmoid(y)) per element. logdet (B,) is float32
+    (float64 for float64 y).
+    """
+    _checks.tensor("y", y)
+    alpha = check_alpha(alpha)
+    logdet = _checks.running_logdet(logdet, y)
+    impl = _impl_for(y.device, y.dtype)
+    if impl == "reference":
+        return dequantize_logit_inverse_ref(y, alpha=alpha, logdet=logdet)
+    dtype = y.dtype
+    if impl == "compiled" and y.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        y = y.float()  # the CPU kernels are float32/float64
+    y = y.contiguous()
+    pixels, ld = apply(_INV_FUNCTIONS, _inv_run, (y, logdet), y, logdet, alpha, impl)
+    return pixels.to(dtype), ld
+
+
+# Positions of the tensor arguments of the kernel ops (compiled and Triton share the schemas),
+# for their vmap rules: every one has rows in dim 0.
+FWD_TENSOR_ARGS = (0, 1, 5)
+BWD_TENSOR_ARGS = (0, 1, 2, 3)
+INV_TENSOR_ARGS = (0, 2)
+
+
+def _register_compiled() -> None:
+    if not _ext.has_op("dequantize_logit_fwd"):
+        return
+    from .gaussian_nll import register_single_output_row_vmap
+
+    @torch.library.register_fake("flowkern::dequantize_logit_fwd")
+    def _fwd_fake(x, noise, seed, alpha, dtype, logdet):
+        return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(dtype))
+
+    @torch.library.register_fake("flowkern::dequantize_logit_bwd")
+    def _bwd_fake(grad_out, grad_logdet, x, noise, alpha):
+        return torch.empty_like(noise)
+
+    @torch.library.register_fake("flowkern::dequantize_logit_inv")
+    def _inv_fake(y, alpha, logdet):
+        return torch.empty_like(y), y.new_empty((y.shape[0],), dtype=_checks.logdet_dtype(y.dtype))
+
+    register_row_vmap("flowkern::dequantize_logit_fwd", FWD_TENSOR_ARGS)
+    register_single_output_row_vmap("flowkern::dequantize_logit_bwd", BWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::dequantize_logit_inv", INV_TENSOR_ARGS)
+
+
+_register_compiled()

@@ -24,6 +24,10 @@ an alpha = 1e-6). Half-precision inputs compute in float32 and round once at the
 
 D is the number of elements per row, prod(x.shape[1:]) (1 for 1-D x). Log-dets have shape
 (batch,), float32 (float64 for float64 data), added to the running `logdet` when one is given.
+
+The fused dequantize_logit draws its noise from a counter-based generator (counter_uniform):
+u of each element is a hash of (seed, the element's flat index), so the compiled, CUDA and
+Triton kernels generate it in place, all bit-identical to this module for the same seed.
 """
 from __future__ import annotations
 
@@ -36,6 +40,62 @@ from ._common import row_sum
 
 LEVELS = 256  # 8-bit pixels
 LOG_LEVELS = math.log(LEVELS)
+
+
+# SplitMix64 (Steele, Lea & Flood 2014): the state advances by the golden-ratio increment, and
+# each state is finalized by two xor-shift-multiply rounds.
+_SPLITMIX_INCREMENT = 0x9E3779B97F4A7C15
+_SPLITMIX_MIX1 = 0xBF58476D1CE4E5B9
+_SPLITMIX_MIX2 = 0x94D049BB133111EB
+_UINT64 = (1 << 64) - 1
+
+
+def seed_as_int64(seed: int) -> int:
+    """A 64-bit seed as the signed int64 with the same two's-complement bits (the kernels read
+    it as uint64); seed may be given in [-2^63, 2^64)."""
+    seed = int(seed) & _UINT64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors holding uint64 bits (>> alone is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniform(shape, seed: int, dtype: torch.dtype = torch.float32,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """The counter-based uniform noise of the fused dequantize_logit, for a tensor of `shape`.
+
+    Element i (flat, row-major) gets SplitMix64's output at step i + 1 from state `seed`:
+        z = seed + (i + 1) * 0x9E3779B97F4A7C15                    (mod 2^64)
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9;  z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        z = z ^ (z >> 31)
+        u = (z >> 40) * 2^-24  (float32 arithmetic: also for the half types)
+        u = (z >> 11) * 2^-53  (float64)
+    so u = k 2^-p, exact, in [0, 1 - 2^-p]. Returned in the compute dtype of `dtype` (float32 for
+    float16/bfloat16). Written with int64 torch ops (multiplication wraps around; the logical
+    shifts are masked arithmetic ones), and bit-identical to the C++, CUDA and Triton kernels.
+    """
+    shape = tuple(int(s) for s in shape)
+    compute = _compute_dtype(dtype)
+    z = torch.arange(1, math.prod(shape) + 1, dtype=torch.int64, device=device)
+    z = z * seed_as_int64(_SPLITMIX_INCREMENT) + seed_as_int64(seed)
+    z = (z ^ _shift_right(z, 30)) * seed_as_int64(_SPLITMIX_MIX1)
+    z = (z ^ _shift_right(z, 27)) * seed_as_int64(_SPLITMIX_MIX2)
+    z = z ^ _shift_right(z, 31)
+    if compute == torch.float64:
+        u = _shift_right(z, 11).to(torch.float64) * 2.0 ** -53
+    else:
+        u = _shift_right(z, 40).to(torch.float32) * 2.0 ** -24
+    return u.reshape(shape)
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A fresh seed for counter_uniform: one int64 from `generator`, or from torch's global CPU RNG
+    (so torch.manual_seed makes it reproducible). A CPU generator costs no device sync; a CUDA
+    generator's draw is read back to the host (a sync)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64, generator=generator, device=device))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,17 +200,49 @@ def dequantize_logit_ref(
     *,
     alpha: float = 1e-6,
     generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
     logdet: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of the fused dequantize + logit: y = logit_alpha((x + u) / 256).
 
-    logdet = -D log 256 + sum(log(1 - 2 alpha) - log v' - log(1 - v')) (+ `logdet`). The
-    intermediate v stays in the compute dtype (float32 for half types), as in a fused kernel;
-    for float32/float64 this equals logit_ref(*dequantize_ref(...)) exactly, given the same noise
-    (or the same generator state). The inverse is quantize_ref(logit_ref(y, inverse=True)).
+    logdet = -D log 256 + sum(log(1 - 2 alpha) - log v' - log(1 - v')) (+ `logdet`). u is the
+    given noise, else counter_uniform(x.shape, seed) (the kernels' noise, bit for bit), with seed
+    drawn by draw_seed(generator) when None. The intermediate v stays in the compute dtype
+    (float32 for half types), as in a fused kernel; for float32/float64 this equals
+    logit_ref(*dequantize_ref(...)) exactly, given the same noise. The inverse is
+    dequantize_logit_inverse_ref (= quantize_ref(logit_ref(y, inverse=True)) for float32/64).
     """
     compute = _compute_dtype(dtype)
-    v, ld = dequantize_ref(x_uint8, noise, generator=generator, dtype=compute, logdet=logdet)
+    if noise is None:
+        seed = draw_seed(generator) if seed is None else seed
+        noise = counter_uniform(x_uint8.shape, seed, compute, x_uint8.device)
+    v, ld = dequantize_ref(x_uint8, noise, dtype=compute, logdet=logdet)
     y, ld = logit_ref(v, alpha=alpha, logdet=ld)
     return y.to(dtype), ld
+
+
+def dequantize_logit_inverse_ref(
+    y: torch.Tensor,
+    *,
+    alpha: float = 1e-6,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the fused inverse (sampling): logits y -> pixel values, as one op.
+
+    v = (sigmoid(y) - alpha) / (1 - 2 alpha), pixels = clamp(floor(256 v), 0, 255) in y's dtype,
+    logdet = sum(logsigmoid(y) + logsigmoid(-y) - log(1 - 2 alpha)) + D log 256 (+ `logdet`):
+    the negated forward log-det. Computed in float32 for half y and rounded once (v is not
+    rounded to y's dtype in between); for float32/float64 it equals
+    quantize_ref(*logit_ref(y, alpha=alpha, inverse=True, logdet=logdet)).
+    """
+    dtype = y.dtype
+    t = y.to(_compute_dtype(dtype))
+    scale = 1.0 - 2.0 * alpha
+    v = (torch.sigmoid(t) - alpha) / scale
+    pixels = torch.clamp(torch.floor(v * LEVELS), 0, LEVELS - 1)
+    ld = row_sum(torch.nn.functional.logsigmoid(t) + torch.nn.functional.logsigmoid(-t) - math.log(scale))
+    if logdet is not None:
+        ld = logdet + ld
+    ld = _constant_logdet(_per_pixel(y) * LOG_LEVELS, y.shape[0], dtype, y.device, ld)
+    return pixels.to(dtype), ld

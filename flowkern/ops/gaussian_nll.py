@@ -1,0 +1,162 @@
+"""flowkern.ops.gaussian_nll: a flow's negative log-likelihood under its N(0, I) base, fused.
+
+    nll = 0.5 sum z^2 + (D / 2) log(2 pi) - logdet        per row, D = prod(z.shape[1:])
+    bits_per_dim=True:  nll / (D ln 2)
+
+One reduction pass over the latent in place of the reference's square, sum, add and subtract
+(Flow.log_prob and Flow.bits_per_dim use it when the base is StandardNormal). The compiled
+(C++/CUDA) and Triton kernels run under one autograd.Function with an analytic backward
+(dL/dz = g z, dL/d(logdet) = -g, divided by D ln 2 for bits); the "reference" backend runs
+flowkern.reference.gaussian_nll_ref under autograd. The compiled ops are registered torch ops
+with fake implementations, so torch.compile(fullgraph=True) traces through them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .. import _ext
+from .._backend import BackendUnavailable, get_backend, resolve
+from ..reference.gaussian_nll import gaussian_nll_ref
+from . import _checks
+from ._autograd import needs_grad, under_functorch_or_forward_ad
+from ._vmap import _fold
+
+
+def _kernels(impl: str):
+    if impl == "compiled":
+        return torch.ops.flowkern.gaussian_nll_fwd, torch.ops.flowkern.gaussian_nll_bwd
+    from ..triton import gaussian_nll as tk
+
+    return tk.gaussian_nll_fwd, tk.gaussian_nll_bwd
+
+
+def _run(z, logdet, bits, impl):
+    return _kernels(impl)[0](z, logdet, bits)
+
+
+def _save(ctx, inputs):
+    z, logdet, bits, impl = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z)
+    ctx.config = (bits, impl)
+    ctx.has_logdet = logdet is not None
+
+
+@once_differentiable
+def _backward(ctx, grad):
+    (z,) = ctx.saved_tensors
+    bits, impl = ctx.config
+    if grad is None:
+        return None, None, None, None
+    grad = grad.contiguous()
+    grad_z = _kernels(impl)[1](grad, z, bits) if ctx.needs_input_grad[0] else None
+    grad_logdet = None
+    if ctx.has_logdet and ctx.needs_input_grad[1]:
+        grad_logdet = -grad / (math.prod(z.shape[1:]) * math.log(2.0)) if bits else -grad
+    return grad_z, grad_logdet, None, None
+
+
+# The everyday Function (ctx in forward: no per-call signature binding) and the one torch.func
+# transforms need (setup_context, vmap through the kernel ops' rules); see ops/_autograd.py.
+class GaussianNLLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        _save(ctx, inputs)
+        return _run(*inputs)
+
+    backward = staticmethod(_backward)
+
+
+class GaussianNLLFunctionFunc(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return _run(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs)
+
+    backward = staticmethod(_backward)
+
+
+def gaussian_nll(z: torch.Tensor, logdet: Optional[torch.Tensor] = None, *,
+                 bits_per_dim: bool = False) -> torch.Tensor:
+    """Negative log-likelihood per row of data whose latent is z (B, ...) under N(0, I).
+
+    nll = 0.5 sum z^2 + (D / 2) log(2 pi) - logdet, D = prod(z.shape[1:]); with
+    bits_per_dim=True divided by D ln 2 (bits/dim when D counts the data's values, e.g. the
+    pixels of a flow that starts with dequantization). logdet: the flow's log|det dz/dx|, (B,),
+    optional (0). Returns (B,) float32 (float64 for float64 z; half z is summed in float32),
+    differentiable in z and logdet: -gaussian_nll(z, logdet) is Flow.log_prob.
+    """
+    _checks.tensor("z", z)
+    logdet = _checks.running_logdet(logdet, z)
+    bits = bool(bits_per_dim)
+    if bits and math.prod(z.shape[1:]) == 0:
+        raise ValueError(f"bits_per_dim needs at least one element per row, got z of shape {tuple(z.shape)}")
+    impl = resolve(z.device)
+    if impl == "compiled" and not _ext.has_op("gaussian_nll_fwd"):  # an extension built before this op
+        if get_backend() != "auto":
+            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no gaussian_nll kernels; rebuild it")
+        impl = "triton" if z.device.type == "cuda" else "reference"
+    if impl == "triton" and z.dtype == torch.float64:
+        # The Triton kernels compute in float32: never hand them float64 silently.
+        if get_backend() == "triton":
+            raise TypeError("the Triton kernels compute in float32; for float64 z use backend 'cpu', 'cuda' "
+                            "or 'reference'")
+        impl = "reference"
+    if impl == "reference":
+        return gaussian_nll_ref(z, logdet, bits_per_dim=bits)
+    if impl == "compiled" and z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
+        z = z.float()  # the CPU kernels are float32/float64
+    z = z.contiguous()
+    inputs = (z, logdet, bits, impl)
+    if under_functorch_or_forward_ad(z, logdet):
+        return GaussianNLLFunctionFunc.apply(*inputs)
+    if needs_grad(z, logdet):
+        return GaussianNLLFunction.apply(*inputs)
+    return _run(*inputs)  # inference: no autograd node, nothing saved
+
+
+# Positions of the tensor arguments of the fwd / bwd kernel ops (compiled and Triton alike).
+FWD_TENSOR_ARGS = (0, 1)
+BWD_TENSOR_ARGS = (0, 1)
+
+
+def register_single_output_row_vmap(op_name: str, tensor_args) -> None:
+    """ops/_vmap.register_row_vmap for an op with ONE tensor output (that rule iterates over a
+    tuple of outputs): the vmapped dim folds into the rows, the op runs once, rows split back."""
+    tensor_args = frozenset(tensor_args)
+    op = getattr(torch.ops.flowkern, op_name.split("::")[1])
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        out = op(*[(_fold(a, d, size) if i in tensor_args else a) for i, (a, d) in enumerate(zip(args, in_dims))])
+        return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
+
+    torch.library.register_vmap(op_name, rule)
+
+
+def _register_compiled() -> None:
+    if not _ext.has_op("gaussian_nll_fwd"):
+        return
+
+    @torch.library.register_fake("flowkern::gaussian_nll_fwd")
+    def _fwd_fake(z, logdet, bits):
+        return z.new_empty((z.shape[0],), dtype=_checks.logdet_dtype(z.dtype))
+
+    @torch.library.register_fake("flowkern::gaussian_nll_bwd")
+    def _bwd_fake(grad, z, bits):
+        return torch.empty_like(z)
+
+    register_single_output_row_vmap("flowkern::gaussian_nll_fwd", FWD_TENSOR_ARGS)
+    register_single_output_row_vmap("flowkern::gaussian_nll_bwd", BWD_TENSOR_ARGS)
+
+
+_register_compiled()
