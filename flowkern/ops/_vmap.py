@@ -34,6 +34,8 @@ def register_row_vmap(op_name: str, tensor_args: Sequence[int]) -> None:
         size = info.batch_size
         folded = [(_fold(a, d, size) if i in tensor_args else a) for i, (a, d) in enumerate(zip(args, in_dims))]
         outs = getattr(torch.ops.flowkern, op_name.split("::")[1])(*folded)
+        if isinstance(outs, torch.Tensor):  # an op with one output
+            return _unfold(outs, size)
         pairs = [_unfold(o, size) for o in outs]
         return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 

@@ -379,7 +379,6 @@ INV_TENSOR_ARGS = (0, 2)
 def _register_compiled() -> None:
     if not _ext.has_op("dequantize_logit_fwd"):
         return
-    from .gaussian_nll import register_single_output_row_vmap
 
     @torch.library.register_fake("flowkern::dequantize_logit_fwd")
     def _fwd_fake(x, noise, seed, alpha, dtype, logdet):
@@ -394,7 +393,7 @@ def _register_compiled() -> None:
         return torch.empty_like(y), y.new_empty((y.shape[0],), dtype=_checks.logdet_dtype(y.dtype))
 
     register_row_vmap("flowkern::dequantize_logit_fwd", FWD_TENSOR_ARGS)
-    register_single_output_row_vmap("flowkern::dequantize_logit_bwd", BWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::dequantize_logit_bwd", BWD_TENSOR_ARGS)
     register_row_vmap("flowkern::dequantize_logit_inv", INV_TENSOR_ARGS)
 
 

@@ -23,7 +23,7 @@ from .._backend import BackendUnavailable, get_backend, resolve
 from ..reference.gaussian_nll import gaussian_nll_ref
 from . import _checks
 from ._autograd import needs_grad, under_functorch_or_forward_ad
-from ._vmap import _fold
+from ._vmap import register_row_vmap
 
 
 def _kernels(impl: str):
@@ -129,20 +129,6 @@ FWD_TENSOR_ARGS = (0, 1)
 BWD_TENSOR_ARGS = (0, 1)
 
 
-def register_single_output_row_vmap(op_name: str, tensor_args) -> None:
-    """ops/_vmap.register_row_vmap for an op with ONE tensor output (that rule iterates over a
-    tuple of outputs): the vmapped dim folds into the rows, the op runs once, rows split back."""
-    tensor_args = frozenset(tensor_args)
-    op = getattr(torch.ops.flowkern, op_name.split("::")[1])
-
-    def rule(info, in_dims, *args):
-        size = info.batch_size
-        out = op(*[(_fold(a, d, size) if i in tensor_args else a) for i, (a, d) in enumerate(zip(args, in_dims))])
-        return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
-
-    torch.library.register_vmap(op_name, rule)
-
-
 def _register_compiled() -> None:
     if not _ext.has_op("gaussian_nll_fwd"):
         return
@@ -155,8 +141,8 @@ def _register_compiled() -> None:
     def _bwd_fake(grad, z, bits):
         return torch.empty_like(z)
 
-    register_single_output_row_vmap("flowkern::gaussian_nll_fwd", FWD_TENSOR_ARGS)
-    register_single_output_row_vmap("flowkern::gaussian_nll_bwd", BWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::gaussian_nll_fwd", FWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::gaussian_nll_bwd", BWD_TENSOR_ARGS)
 
 
 _register_compiled()

@@ -34,7 +34,6 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..ops.dequantize import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS, INV_TENSOR_ARGS
-from ..ops.gaussian_nll import register_single_output_row_vmap
 from ._common import register_interpreter_fakes, rows_cols
 
 __all__ = ["dequantize_logit_fwd", "dequantize_logit_bwd", "dequantize_logit_inv"]
@@ -322,7 +321,7 @@ register_interpreter_fakes(_dequantize_logit_fwd_kernel, [(_dequantize_logit_fwd
                                                           (_dequantize_logit_inv_op, _inv_fake)])
 
 register_row_vmap("flowkern::dequantize_logit_fwd_triton", FWD_TENSOR_ARGS)
-register_single_output_row_vmap("flowkern::dequantize_logit_bwd_triton", BWD_TENSOR_ARGS)
+register_row_vmap("flowkern::dequantize_logit_bwd_triton", BWD_TENSOR_ARGS)
 register_row_vmap("flowkern::dequantize_logit_inv_triton", INV_TENSOR_ARGS)
 
 

@@ -18,7 +18,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..ops.gaussian_nll import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS, register_single_output_row_vmap
+from ..ops._vmap import register_row_vmap
+from ..ops.gaussian_nll import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
 from ._common import register_interpreter_fakes, rows_cols
 
 __all__ = ["gaussian_nll_fwd", "gaussian_nll_bwd"]
@@ -142,8 +143,8 @@ def _bwd_fake(grad, z, bits):
 register_interpreter_fakes(_gaussian_nll_fwd_kernel, [(_gaussian_nll_fwd_op, _fwd_fake),
                                                       (_gaussian_nll_bwd_op, _bwd_fake)])
 
-register_single_output_row_vmap("flowkern::gaussian_nll_fwd_triton", FWD_TENSOR_ARGS)
-register_single_output_row_vmap("flowkern::gaussian_nll_bwd_triton", BWD_TENSOR_ARGS)
+register_row_vmap("flowkern::gaussian_nll_fwd_triton", FWD_TENSOR_ARGS)
+register_row_vmap("flowkern::gaussian_nll_bwd_triton", BWD_TENSOR_ARGS)
 
 
 def gaussian_nll_fwd(z: Tensor, logdet: Optional[Tensor], bits: bool) -> Tensor:
