@@ -153,7 +153,8 @@ def test_batch_stats_is_the_biased_batch_variance():
     flat = x.transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(mean, flat.mean(1))
     torch.testing.assert_close(var, flat.var(1, unbiased=False))
-    assert torch.equal(batch_stats_ref(x)[1], var)
+    # without a gradient to carry, the deterministic kernel (two passes): the reference's value up to rounding
+    torch.testing.assert_close(batch_stats_ref(x)[1], var)
     with pytest.raises(ValueError, match="at least one value per channel"):
         batch_stats(torch.zeros(0, 3))
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops import _checks
 from ..ops.actnorm import actnorm
-from ..ops.batchnorm_flow import batch_stats, batchnorm_flow
+from ..ops.batchnorm_flow import batch_stats, batchnorm_flow, batchnorm_flow_train
 from .flow import FlowLayer
 
 
@@ -97,9 +97,8 @@ class ActNorm(_ChannelLayer):
         if _values_per_channel(x) < 2:
             raise ValueError("ActNorm's data-dependent initialisation needs at least 2 values per channel "
                              f"(batch * spatial size), got x of shape {tuple(x.shape)}: initialise on a larger batch")
-        dims = (0,) + tuple(range(2, x.dim()))
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
+        mean, var = batch_stats(x.detach().to(acc))  # under no_grad: the deterministic kernel
         self.shift.copy_(-mean)
         self.log_scale.copy_(-torch.log(var.sqrt() + self.eps))
         self.initialized.fill_(True)
@@ -133,7 +132,8 @@ class BatchNormFlow(_ChannelLayer):
     Which statistics (mean, var):
       - forward, training mode: the batch's, over batch and spatial dims (biased variance), and
         the log-det uses that batch variance. Gradients flow through the batch statistics, as in
-        torch.nn.BatchNorm. The running averages are updated by torch.nn.BatchNorm1d's rule,
+        torch.nn.BatchNorm (flowkern.ops.batchnorm_flow_train: statistics and map fused, one
+        autograd node). The running averages are updated by torch.nn.BatchNorm1d's rule,
         running = (1 - momentum) * running + momentum * batch_stat, with the UNBIASED batch
         variance (the normalisation itself uses the biased one). Training mode needs at least 2
         values per channel (batch * spatial size >= 2): the variance of one value is 0, and the
@@ -169,16 +169,17 @@ class BatchNormFlow(_ChannelLayer):
                 logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         self.check_input(x, logdet=logdet)
         if not self.training:
-            mean, var = self.running_mean, self.running_var
-        else:
-            n = _values_per_channel(x)
-            if n < 2:
-                raise ValueError("BatchNormFlow in training mode needs at least 2 values per channel (batch * spatial "
-                                 f"size) to estimate a variance, got x of shape {tuple(x.shape)}: use a larger batch, "
-                                 "or eval mode (running statistics)")
-            mean, var = batch_stats(x)
-            self._update_running_stats(mean, var, n)
-        return batchnorm_flow(x, mean, var, self.log_gamma, self.beta, eps=self.eps, logdet=logdet)
+            return batchnorm_flow(x, self.running_mean, self.running_var, self.log_gamma, self.beta, eps=self.eps,
+                                  logdet=logdet)
+        n = _values_per_channel(x)
+        if n < 2:
+            raise ValueError("BatchNormFlow in training mode needs at least 2 values per channel (batch * spatial "
+                             f"size) to estimate a variance, got x of shape {tuple(x.shape)}: use a larger batch, "
+                             "or eval mode (running statistics)")
+        # One fused op: the batch statistics, the map, and one autograd node through both.
+        y, ld, mean, var = batchnorm_flow_train(x, self.log_gamma, self.beta, eps=self.eps, logdet=logdet)
+        self._update_running_stats(mean, var, n)
+        return y, ld
 
     def inverse(self, z: torch.Tensor, context: Optional[torch.Tensor] = None,
                 logdet: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

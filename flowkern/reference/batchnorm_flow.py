@@ -10,7 +10,8 @@ x is (B, C) or (B, C, *spatial); spatial_size is prod(x.shape[2:]). Given the st
 map is a per-channel affine one, y = (x - mean) * exp(a) + beta with a = log_gamma - 0.5 log(var + eps),
 which is how it is computed here (and how a fused kernel computes it: a (C,) pre-pass, then one
 elementwise pass). Which statistics to use (the batch's in training, the running averages in
-eval) is the layer's business, flowkern.nn.norm.BatchNormFlow; batch_stats_ref gives the batch's.
+eval) is the layer's business, flowkern.nn.norm.BatchNormFlow; batch_stats_ref gives the batch's,
+and batchnorm_flow_train_ref is the training-mode composite of the two.
 Gradients flow to mean and var too, so the batch statistics can be differentiated through.
 """
 from __future__ import annotations
@@ -59,3 +60,20 @@ def batchnorm_flow_ref(
         out = (xs - m) * torch.exp(s) + b
     ld = constant_row_logdet(log_scale, x, -1.0 if inverse else 1.0, logdet)
     return out.to(x.dtype), ld
+
+
+def batchnorm_flow_train_ref(
+    x: torch.Tensor,
+    log_gamma: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    eps: float = 1e-5,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference training-mode batch-norm flow: x normalised by its own statistics,
+    batchnorm_flow_ref(x, *batch_stats_ref(x), ...), differentiated through the statistics.
+    Returns (out, logdet, mean, var) with mean and var detached; same signature and result as
+    flowkern.ops.batchnorm_flow_train."""
+    mean, var = batch_stats_ref(x)
+    out, ld = batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, logdet=logdet)
+    return out, ld, mean.detach(), var.detach()
