@@ -378,5 +378,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def exit_with(code: int) -> None:
+    """sys.exit(code), except in a torchrun worker: there the process ends with os._exit once its
+    output is flushed. The process group is destroyed by then, but gloo's worker threads can still
+    be unwinding when the interpreter runs C++ static destructors, which then aborts the process
+    ("terminate called without an active exception") after a successful run."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def console_main() -> None:
+    """The `flowkern` console script."""
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

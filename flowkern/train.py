@@ -666,7 +666,11 @@ def train(config: dict, *, log: Optional[Callable[[str], None]] = None) -> dict:
     cfg = check_config(config)
     rt = init_runtime(cfg["device"])
     try:
-        return _Run(cfg, rt, log or print).run()
+        summary = _Run(cfg, rt, log or print).run()
+        # Every rank reaches this point before any tears the group down: a rank that destroys
+        # its gloo group while a peer still talks to it aborts that peer ("terminate called").
+        _barrier(rt)
+        return summary
     finally:
         if rt.owns_group:
             import torch.distributed as dist

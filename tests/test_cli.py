@@ -56,7 +56,7 @@ def test_help_texts(capsys):
 
 def test_console_script_is_declared():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("flowkern") == "flowkern.cli:main"
+    assert scripts.get("flowkern") == "flowkern.cli:console_main"
 
 
 def test_missing_dataset_exits_2_without_traceback(tmp_path):
