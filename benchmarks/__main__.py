@@ -16,6 +16,10 @@ from .common import describe_machine, machine, write_results
 SUITES = {
     "affine_coupling": kernels.affine_coupling_suite,
     "rq_spline": kernels.rq_spline_suite,
+    "actnorm": kernels.actnorm_suite,
+    "batchnorm_flow": kernels.batchnorm_flow_suite,
+    "dequantize_logit": kernels.dequantize_logit_suite,
+    "gaussian_nll": kernels.gaussian_nll_suite,
     "realnvp_train": training.realnvp_train_suite,
 }
 

@@ -8,8 +8,12 @@ from typing import Callable
 import torch
 
 import flowkern
-from flowkern.ops import affine_coupling, rq_spline
-from flowkern.reference import affine_coupling_ref, rq_spline_ref
+from flowkern.ops import (actnorm, affine_coupling, batchnorm_flow_train, dequantize_logit, gaussian_nll,
+                          rq_spline)
+from flowkern.reference import actnorm_ref, affine_coupling_ref, rq_spline_ref
+from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
+from flowkern.reference.dequantize import dequantize_logit_ref
+from flowkern.reference.gaussian_nll import gaussian_nll_ref
 
 from .common import Row, compiled, markdown_table, median_time
 
@@ -32,15 +36,16 @@ def implementations(device: str, op: Callable, ref: Callable) -> dict[str, tuple
 def _compare(suite: str, case: str, impls: dict, call: Callable, inputs: list, grads: tuple, backward: bool,
              device: str, budget_s: float, moved: int, clone_gbs: float) -> tuple[list[Row], list[list]]:
     """Times call(fn, *inputs) for every implementation (forward only, or forward plus
-    autograd.grad of every input) and returns result rows and table lines with ratios."""
+    autograd.grad of every floating input) and returns result rows and table lines with ratios."""
     times = {}
     for name, (fn, backend) in impls.items():
         with flowkern.backend(backend):
             if backward:
-                leaves = [a.clone().requires_grad_() for a in inputs]
+                args = [a.clone().requires_grad_() if a.is_floating_point() else a for a in inputs]
+                leaves = [a for a in args if a.requires_grad]
 
-                def run(fn=fn, leaves=leaves):
-                    return torch.autograd.grad(call(fn, *leaves), leaves, grads)
+                def run(fn=fn, args=args, leaves=leaves):
+                    return torch.autograd.grad(call(fn, *args), leaves, grads)
             else:
                 def run(fn=fn):
                     return call(fn, *inputs)
@@ -155,3 +160,110 @@ def rq_spline_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row
     table = ("### rq_spline (float32, K=8 bins, bound 3; inputs and saved-for-backward bytes; "
              "nflows = unconstrained_rational_quadratic_spline)\n\n" + markdown_table(HEADER, body))
     return rows, table
+
+
+# --------------------------------------------------------------- normalisation, preprocessing,
+# likelihood: the elementwise work of a flow outside its couplings, at MNIST sizes.
+
+def _mnist_shapes(device: str, quick: bool) -> list[tuple[int, ...]]:
+    """(B, 784) as RealNVP sees MNIST and (B, 16, 14, 14) as Glow's first level does."""
+    shapes = [(256, 784), (256, 16, 14, 14)]
+    if not quick:
+        shapes.append((1024, 784))
+    if device == "cuda":
+        shapes += [(4096, 784), (1024, 48, 16, 16)]
+    return shapes
+
+
+def _suite(suite: str, title: str, device: str, budget_s: float, impls: dict,
+           cases: list[tuple[str, Callable, list, tuple, int, torch.Tensor]]) -> tuple[list[Row], str]:
+    """cases: (case, call(fn, *inputs), inputs, output grads, bytes moved by fwd+bwd, a tensor of
+    x's size for the clone roofline). Each case runs forward, then forward+backward."""
+    rows, body = [], []
+    for case, call, inputs, grads, moved, like in cases:
+        clone_gbs = _clone_roofline(like, device, budget_s)
+        for backward in (False, True):
+            label = f"{case} {'fwd+bwd' if backward else 'fwd'}"
+            nbytes = moved if backward else moved // 2
+            r, lines = _compare(suite, label, impls, call, inputs, grads, backward, device, budget_s, nbytes,
+                                clone_gbs)
+            rows += r
+            body += lines
+    return rows, f"### {title}\n\n" + markdown_table(HEADER, body)
+
+
+def _shape_name(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def actnorm_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    cases = []
+    for shape in _mnist_shapes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        x, gy = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+        c = shape[1]
+        t, s = (0.1 * torch.randn(c, generator=gen)).to(device), (0.1 * torch.randn(c, generator=gen)).to(device)
+        gl = torch.randn(shape[0], generator=gen).to(device)
+        n = x.numel() * x.element_size()
+        cases.append((_shape_name(shape), lambda fn, *a: fn(*a), [x, t, s], (gy, gl), 5 * n, x))
+    return _suite("actnorm", "actnorm (float32; fwd+bwd includes the shift and log-scale gradients)", device,
+                  budget_s, implementations(device, actnorm, actnorm_ref), cases)
+
+
+def batchnorm_flow_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    """Training mode: batch statistics, normalisation and log-det, gradients through the statistics."""
+    def train(fn, *a):
+        out, ld = fn(*a)[:2]
+        return out, ld
+
+    cases = []
+    for shape in _mnist_shapes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        x, gy = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+        c = shape[1]
+        lg, b = (0.1 * torch.randn(c, generator=gen)).to(device), (0.1 * torch.randn(c, generator=gen)).to(device)
+        gl = torch.randn(shape[0], generator=gen).to(device)
+        n = x.numel() * x.element_size()
+        cases.append((_shape_name(shape), train, [x, lg, b], (gy, gl), 7 * n, x))
+    return _suite("batchnorm_flow", "batchnorm_flow, training mode (float32; batch statistics, gradients "
+                  "through them)", device, budget_s,
+                  implementations(device, batchnorm_flow_train, batchnorm_flow_train_ref), cases)
+
+
+def dequantize_logit_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    """uint8 pixels to logits with the log-det. fwd: noise drawn by the op (flowkern: in the
+    kernel from a seed; reference: the same counter-based noise in torch ops); fwd+bwd: given
+    noise that needs its gradient (variational dequantization)."""
+    impls = implementations(device, dequantize_logit, dequantize_logit_ref)
+    rows, body = [], []
+    for shape in _mnist_shapes(device, quick)[:1] + ([(1024, 784)] if not quick else []):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+        noise = torch.rand(shape, generator=gen).to(device)
+        gy, gl = torch.randn(shape, generator=gen).to(device), torch.randn(shape[0], generator=gen).to(device)
+        clone_gbs = _clone_roofline(noise, device, budget_s)
+        n = x.numel()
+        r, lines = _compare("dequantize_logit", f"{_shape_name(shape)} fwd, seeded noise", impls,
+                            lambda fn, xx: fn(xx, seed=1234), [x], (), False, device, budget_s, 5 * n, clone_gbs)
+        rows += r
+        body += lines
+        r, lines = _compare("dequantize_logit", f"{_shape_name(shape)} fwd+bwd, given noise", impls,
+                            lambda fn, xx, u: fn(xx, u), [x, noise], (gy, gl), True, device, budget_s, 17 * n,
+                            clone_gbs)
+        rows += r
+        body += lines
+    title = "dequantize_logit (uint8 in, float32 out; GB/s counts 1 byte per pixel in, 4 out)"
+    return rows, f"### {title}\n\n" + markdown_table(HEADER, body)
+
+
+def gaussian_nll_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    cases = []
+    for shape in _mnist_shapes(device, quick):
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(shape, generator=gen).to(device)
+        ld, g = torch.randn(shape[0], generator=gen).to(device), torch.randn(shape[0], generator=gen).to(device)
+        n = z.numel() * z.element_size()
+        cases.append((_shape_name(shape), lambda fn, *a: fn(*a), [z, ld], (g,), 3 * n, z))
+    return _suite("gaussian_nll", "gaussian_nll (float32; per-row negative log-likelihood under N(0, I) "
+                  "minus the log-det)", device, budget_s, implementations(device, gaussian_nll, gaussian_nll_ref),
+                  cases)
