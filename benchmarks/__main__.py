@@ -11,6 +11,7 @@ import time
 import torch
 
 from . import kernels, training
+from .chart import training_chart
 from .common import describe_machine, machine, write_results
 
 SUITES = {
@@ -47,7 +48,9 @@ def main(argv=None) -> int:
         tables.append(table)
         print(table + f"\n\n({name}: {time.perf_counter() - t0:.0f} s)\n", flush=True)
     json_path, md_path = write_results(args.name or args.device, info, rows, tables)
-    print(f"results: {json_path}, {md_path}")
+    png = training_chart(rows, md_path[:-3] + ".png",
+                         f"RealNVP training step, img/s (higher is better): {describe_machine(info)}")
+    print(f"results: {json_path}, {md_path}" + (f", {png}" if png else ""))
     return 0
 
 

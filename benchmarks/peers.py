@@ -9,6 +9,7 @@ missing. The `peers` extra installs them (pip install -e .[peers]).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -71,5 +72,40 @@ class _NormalBase(nn.Module):
         return -0.5 * z.pow(2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logabsdet
 
 
+def zuko_realnvp(features: int, layers: int, hidden: int, coupling: str, bins: int = 8,
+                 bound: float = 3.0) -> Optional[nn.Module]:
+    """zuko's GeneralCouplingTransform (its lazy flows, called with no context) with the same
+    alternating masks and MLP width; zuko's own monotonic affine or rational-quadratic spline."""
+    try:
+        from zuko.distributions import DiagNormal
+        from zuko.flows import Flow, GeneralCouplingTransform, UnconditionalDistribution
+        from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
+    except ImportError:
+        return None
+    if coupling == "affine":
+        univariate, shapes = MonotonicAffineTransform, ((), ())
+    elif coupling == "spline":
+        univariate = functools.partial(MonotonicRQSTransform, bound=bound)
+        shapes = ((bins,), (bins,), (bins - 1,))
+    else:
+        raise ValueError(f"no zuko build for coupling {coupling!r}")
+    odd = torch.arange(features) % 2 == 1
+    transforms = [GeneralCouplingTransform(features, mask=odd if i % 2 == 0 else ~odd, univariate=univariate,
+                                           shapes=shapes, hidden_features=(hidden, hidden)) for i in range(layers)]
+    base = UnconditionalDistribution(DiagNormal, torch.zeros(features), torch.ones(features), buffer=True)
+    return _Lazy(Flow(transforms, base))
+
+
+class _Lazy(nn.Module):
+    """log_prob(x) of a zuko lazy flow: flow() builds the distribution, then its log_prob."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow().log_prob(x)
+
+
 # name -> builder(features, layers, hidden, coupling) -> model or None
-PEERS: dict[str, Callable[..., Optional[nn.Module]]] = {"nflows": nflows_realnvp}
+PEERS: dict[str, Callable[..., Optional[nn.Module]]] = {"nflows": nflows_realnvp, "zuko": zuko_realnvp}
