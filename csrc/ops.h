@@ -18,6 +18,21 @@ inline at::ScalarType logdet_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A per-row tensor (a running log-det, its gradient, a per-row result's gradient): (rows,),
+// contiguous, of `dtype`, on `device`. `name` says which one in the message.
+inline void check_per_row(const char* name, const at::Tensor& t, int64_t rows, at::ScalarType dtype,
+                          const at::Device& device) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows && t.is_contiguous(), "flowkern: ", name,
+              " must be contiguous with shape (", rows, ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "flowkern: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, "flowkern: ", name, " is on ", t.device(), ", not ", device);
+}
+
+inline void check_per_row(const std::optional<at::Tensor>& per_row, int64_t rows, at::ScalarType dtype,
+                          const at::Device& device) {
+  if (per_row.has_value()) check_per_row("per-row tensor", *per_row, rows, dtype, device);
+}
+
 inline void check_affine_inputs(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                                 const std::optional<at::Tensor>& per_row) {
   TORCH_CHECK(a.dim() >= 1, "flowkern: affine_coupling needs a batch dimension");
@@ -28,13 +43,7 @@ inline void check_affine_inputs(const at::Tensor& a, const at::Tensor& b, const 
   TORCH_CHECK(a.device() == b.device() && a.device() == c.device(), "flowkern: affine_coupling tensors differ in device");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(),
               "flowkern: affine_coupling kernels take contiguous tensors");
-  if (per_row.has_value()) {
-    TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == a.size(0) && per_row->is_contiguous(),
-                "flowkern: per-row tensor must be contiguous with shape (", a.size(0), ",)");
-    TORCH_CHECK(per_row->scalar_type() == logdet_dtype(a.scalar_type()), "flowkern: per-row tensor must be ",
-                logdet_dtype(a.scalar_type()));
-    TORCH_CHECK(per_row->device() == a.device(), "flowkern: per-row tensor on another device");
-  }
+  check_per_row(per_row, a.size(0), logdet_dtype(a.scalar_type()), a.device());
 }
 
 // rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all
@@ -57,13 +66,7 @@ inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x
               "flowkern: rq_spline tensors differ in device");
   TORCH_CHECK(x.is_contiguous() && like_x.is_contiguous() && params.is_contiguous(),
               "flowkern: rq_spline kernels take contiguous tensors");
-  if (per_row.has_value()) {
-    TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == x.size(0) && per_row->is_contiguous(),
-                "flowkern: per-row tensor must be contiguous with shape (", x.size(0), ",)");
-    TORCH_CHECK(per_row->scalar_type() == logdet_dtype(x.scalar_type()), "flowkern: per-row tensor must be ",
-                logdet_dtype(x.scalar_type()));
-    TORCH_CHECK(per_row->device() == x.device(), "flowkern: per-row tensor on another device");
-  }
+  check_per_row(per_row, x.size(0), logdet_dtype(x.scalar_type()), x.device());
 }
 
 // Turns the runtime (mode, inverse) pair of affine_coupling into template arguments, so each

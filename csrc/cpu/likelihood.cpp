@@ -18,28 +18,6 @@ namespace math {
 
 // Vectorized overloads of the helpers math/dequantize_logit.h declares for scalars; seen
 // before the header's templates, like vec_math.h's.
-template <typename T>
-inline at::vec::Vectorized<T> dq_where(const at::vec::Vectorized<T>& mask, const at::vec::Vectorized<T>& a,
-                                       const at::vec::Vectorized<T>& b) {
-  return at::vec::Vectorized<T>::blendv(b, a, mask);
-}
-template <typename T>
-inline at::vec::Vectorized<T> dq_min(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
-  return at::vec::minimum(a, b);
-}
-template <typename T>
-inline at::vec::Vectorized<T> dq_abs(const at::vec::Vectorized<T>& a) { return a.abs(); }
-template <typename T>
-inline at::vec::Vectorized<T> dq_floor(const at::vec::Vectorized<T>& a) { return a.floor(); }
-// log1p(x) = log(1 + x) x / ((1 + x) - 1) (Kahan), x where 1 + x rounds to 1: a few ulps, and
-// much cheaper than Sleef's log1p.
-template <typename T>
-inline at::vec::Vectorized<T> dq_log1p(const at::vec::Vectorized<T>& x) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec w = Vec(T(1)) + x;
-  const Vec d = w - Vec(T(1));
-  return Vec::blendv(w.log() * (x / d), x, d == Vec(T(0)));
-}
 // Natural log of float32 lanes: Cephes' logf (the mantissa reduced to [sqrt(1/2), sqrt(2)), a
 // degree-8 polynomial; under 1 ulp measured over [1e-7, 4]), some 3x cheaper than Sleef's u10 log
 // on the CPUs measured: the forward spends most of its time in logs. A vector with any lane
@@ -340,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_fwd(const at::Tensor& x, con
   check_dequantize_alpha(alpha);
   check_cpu_dtype("dequantize_logit", dtype);
   if (noise.has_value()) check_dequantize_like("noise", *noise, x, dtype, dtype);
-  check_dequantize_per_row(logdet, x, dtype);
+  check_per_row(logdet, x.size(0), dtype, x.device());
   const int64_t rows = x.size(0), n = per_row(x);
   auto y = at::empty(x.sizes(), x.options().dtype(dtype));
   auto ld = at::empty({rows}, x.options().dtype(dtype));
@@ -365,7 +343,7 @@ at::Tensor dequantize_logit_bwd(const at::Tensor& grad_out, const std::optional<
   check_cpu_dtype("dequantize_logit", noise.scalar_type());
   check_dequantize_like("noise", noise, x, noise.scalar_type(), noise.scalar_type());
   check_dequantize_like("grad_out", grad_out, x, noise.scalar_type(), noise.scalar_type());
-  check_dequantize_per_row(grad_logdet, x, noise.scalar_type());
+  check_per_row(grad_logdet, x.size(0), noise.scalar_type(), x.device());
   auto grad_noise = at::empty_like(noise);
   AT_DISPATCH_FLOATING_TYPES(noise.scalar_type(), "flowkern_dequantize_logit_bwd_cpu", [&] {
     dequantize_logit_bwd_rows<scalar_t>(grad_out.data_ptr<scalar_t>(),
@@ -381,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_inv(const at::Tensor& y, dou
   TORCH_CHECK(y.dim() >= 1 && y.is_contiguous(), "flowkern: dequantize_logit_inv takes contiguous y (B, ...)");
   check_dequantize_alpha(alpha);
   check_cpu_dtype("dequantize_logit_inv", y.scalar_type());
-  check_dequantize_per_row(logdet, y, y.scalar_type());
+  check_per_row(logdet, y.size(0), y.scalar_type(), y.device());
   const int64_t rows = y.size(0);
   auto pixels = at::empty_like(y);
   auto ld = at::empty({rows}, y.options());
@@ -396,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_inv(const at::Tensor& y, dou
 at::Tensor gaussian_nll_fwd(const at::Tensor& z, const std::optional<at::Tensor>& logdet, bool bits) {
   check_gaussian_nll_z(z);
   check_cpu_dtype("gaussian_nll", z.scalar_type());
-  if (logdet.has_value()) check_gaussian_nll_per_row("logdet", *logdet, z);
+  check_per_row(logdet, z.size(0), logdet_dtype(z.scalar_type()), z.device());
   auto nll = at::empty({z.size(0)}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "flowkern_gaussian_nll_fwd_cpu", [&] {
     gaussian_nll_fwd_rows<scalar_t>(z.data_ptr<scalar_t>(),
@@ -409,7 +387,7 @@ at::Tensor gaussian_nll_fwd(const at::Tensor& z, const std::optional<at::Tensor>
 at::Tensor gaussian_nll_bwd(const at::Tensor& grad, const at::Tensor& z, bool bits) {
   check_gaussian_nll_z(z);
   check_cpu_dtype("gaussian_nll", z.scalar_type());
-  check_gaussian_nll_per_row("grad", grad, z);
+  check_per_row("gaussian_nll grad", grad, z.size(0), logdet_dtype(z.scalar_type()), z.device());
   auto grad_z = at::empty_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "flowkern_gaussian_nll_bwd_cpu", [&] {
     gaussian_nll_bwd_rows<scalar_t>(grad.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),

@@ -14,34 +14,6 @@
 namespace flowkern {
 namespace math {
 
-// Vectorized overloads of the helpers rq_spline.h declares for scalars; seen before the header's
-// templates, like vec_math.h's.
-template <typename T>
-inline at::vec::Vectorized<T> fk_where(const at::vec::Vectorized<T>& mask, const at::vec::Vectorized<T>& a,
-                                       const at::vec::Vectorized<T>& b) {
-  return at::vec::Vectorized<T>::blendv(b, a, mask);
-}
-template <typename T>
-inline at::vec::Vectorized<T> fk_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
-  return at::vec::maximum(a, b);
-}
-template <typename T>
-inline at::vec::Vectorized<T> fk_min(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
-  return at::vec::minimum(a, b);
-}
-template <typename T>
-inline at::vec::Vectorized<T> fk_sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
-// log1p(x) = log(1 + x) x / ((1 + x) - 1) (Kahan's trick; x where 1 + x rounds to 1): accurate to
-// a few ulps, and several times cheaper than Sleef's log1p, which here cost as much as all the
-// spline's exps together.
-template <typename T>
-inline at::vec::Vectorized<T> fk_log1p(const at::vec::Vectorized<T>& x) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec w = Vec(T(1)) + x;
-  const Vec d = w - Vec(T(1));
-  return Vec::blendv(w.log() * (x / d), x, d == Vec(T(0)));
-}
-
 // The product materialized before any add sees it: GCC contracts a * b + c into an fma under
 // -mfma (-ffp-contract=fast is its default, even with -std=c++20). An empty asm that claims to
 // change the register hides the product (no instruction, no spill).

@@ -17,6 +17,36 @@ template <typename T>
 inline at::vec::Vectorized<T> fk_log(const at::vec::Vectorized<T>& x) { return x.log(); }
 template <typename T>
 inline at::vec::Vectorized<T> fk_tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+template <typename T>
+inline at::vec::Vectorized<T> fk_sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
+template <typename T>
+inline at::vec::Vectorized<T> fk_abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+template <typename T>
+inline at::vec::Vectorized<T> fk_floor(const at::vec::Vectorized<T>& x) { return x.floor(); }
+template <typename T>
+inline at::vec::Vectorized<T> fk_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fk_min(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::minimum(a, b);
+}
+// mask ? a : b per lane, the mask a comparison's all-ones/all-zeros lanes.
+template <typename T>
+inline at::vec::Vectorized<T> fk_where(const at::vec::Vectorized<T>& mask, const at::vec::Vectorized<T>& a,
+                                       const at::vec::Vectorized<T>& b) {
+  return at::vec::Vectorized<T>::blendv(b, a, mask);
+}
+// log1p(x) = log(1 + x) x / ((1 + x) - 1) (Kahan's trick; x where 1 + x rounds to 1): accurate to
+// a few ulps, and several times cheaper than Sleef's log1p, which in the spline cost as much as
+// all its exps together.
+template <typename T>
+inline at::vec::Vectorized<T> fk_log1p(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec w = Vec(T(1)) + x;
+  const Vec d = w - Vec(T(1));
+  return Vec::blendv(w.log() * (x / d), x, d == Vec(T(0)));
+}
 
 // float tanh without Sleef's tanh, which costs about four exps here: (1 - e) / (1 + e) with
 // e = exp(-2|u|) (never overflows; exactly +-1 for large |u|), and for |u| < 1/4, where 1 - e

@@ -355,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> launch_forward(const at::Tensor& x, std::init
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), S = spatial_size(x), numel = x.numel();
   auto out = at::empty_like(x);
-  auto ld = at::empty({B}, x.options().dtype(channel_logdet_dtype(x.scalar_type())));
+  auto ld = at::empty({B}, x.options().dtype(logdet_dtype(x.scalar_type())));
   const auto* pt = params.begin();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flowkern_channel_fwd_cuda", [&] {

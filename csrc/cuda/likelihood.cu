@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_fwd(const at::Tensor& x, con
   TORCH_CHECK(at::isFloatingType(dtype), "flowkern: dequantize_logit dtype must be floating, got ", dtype);
   const at::ScalarType compute = dequantize_compute_dtype(dtype);
   if (noise.has_value()) check_dequantize_like("noise", *noise, x, dtype, compute);
-  check_dequantize_per_row(logdet, x, compute);
+  check_per_row(logdet, x.size(0), compute, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), n = per_row(x);
   auto y = at::empty(x.sizes(), x.options().dtype(dtype));
@@ -164,7 +164,7 @@ at::Tensor dequantize_logit_bwd(const at::Tensor& grad_out, const std::optional<
   const at::ScalarType compute = dequantize_compute_dtype(grad_out.scalar_type());
   check_dequantize_like("grad_out", grad_out, x, grad_out.scalar_type(), grad_out.scalar_type());
   check_dequantize_like("noise", noise, x, grad_out.scalar_type(), compute);
-  check_dequantize_per_row(grad_logdet, x, compute);
+  check_per_row(grad_logdet, x.size(0), compute, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t numel = x.numel();
   auto grad_noise = at::empty_like(noise);
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_inv(const at::Tensor& y, dou
   TORCH_CHECK(at::isFloatingType(y.scalar_type()), "flowkern: dequantize_logit_inv takes floating y");
   check_dequantize_alpha(alpha);
   const at::ScalarType compute = dequantize_compute_dtype(y.scalar_type());
-  check_dequantize_per_row(logdet, y, compute);
+  check_per_row(logdet, y.size(0), compute, y.device());
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t rows = y.size(0), n = per_row(y);
   auto pixels = at::empty_like(y);
@@ -218,10 +218,10 @@ std::tuple<at::Tensor, at::Tensor> dequantize_logit_inv(const at::Tensor& y, dou
 
 at::Tensor gaussian_nll_fwd(const at::Tensor& z, const std::optional<at::Tensor>& logdet, bool bits) {
   check_gaussian_nll_z(z);
-  if (logdet.has_value()) check_gaussian_nll_per_row("logdet", *logdet, z);
+  check_per_row(logdet, z.size(0), logdet_dtype(z.scalar_type()), z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t rows = z.size(0);
-  auto nll = at::empty({rows}, z.options().dtype(gaussian_nll_dtype(z.scalar_type())));
+  auto nll = at::empty({rows}, z.options().dtype(logdet_dtype(z.scalar_type())));
   if (rows == 0) return nll;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "flowkern_gaussian_nll_fwd_cuda", [&] {
@@ -236,7 +236,7 @@ at::Tensor gaussian_nll_fwd(const at::Tensor& z, const std::optional<at::Tensor>
 
 at::Tensor gaussian_nll_bwd(const at::Tensor& grad, const at::Tensor& z, bool bits) {
   check_gaussian_nll_z(z);
-  check_gaussian_nll_per_row("grad", grad, z);
+  check_per_row("gaussian_nll grad", grad, z.size(0), logdet_dtype(z.scalar_type()), z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t numel = z.numel();
   auto grad_z = at::empty_like(z);

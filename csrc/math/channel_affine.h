@@ -155,14 +155,12 @@ FLOWKERN_HD void batch_stats_finalize(const T& k, const T& s1, const T& s2, cons
 
 // Host side, shared by the CPU and CUDA launchers: the checks that guard the kernels against
 // direct torch.ops calls (Python, flowkern/ops, checks first with friendlier messages).
-#include <ATen/core/Tensor.h>
+#include "../ops.h"
 
 #include <initializer_list>
 #include <optional>
 
 namespace flowkern {
-
-inline at::ScalarType channel_logdet_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // x (B, C, *spatial) and the (C,) parameters: same dtype and device, contiguous.
 inline void check_channel_inputs(const char* op, const at::Tensor& x, std::initializer_list<at::Tensor> params,
@@ -177,13 +175,7 @@ inline void check_channel_inputs(const char* op, const at::Tensor& x, std::initi
     TORCH_CHECK(p.device() == x.device(), "flowkern: ", op, " parameters on another device than x");
     TORCH_CHECK(p.is_contiguous(), "flowkern: ", op, " kernels take contiguous parameters");
   }
-  if (per_row.has_value()) {
-    TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == x.size(0) && per_row->is_contiguous(),
-                "flowkern: per-row tensor must be contiguous with shape (", x.size(0), ",)");
-    TORCH_CHECK(per_row->scalar_type() == channel_logdet_dtype(x.scalar_type()), "flowkern: per-row tensor must be ",
-                channel_logdet_dtype(x.scalar_type()));
-    TORCH_CHECK(per_row->device() == x.device(), "flowkern: per-row tensor on another device");
-  }
+  check_per_row(per_row, x.size(0), logdet_dtype(x.scalar_type()), x.device());
 }
 
 inline void check_channel_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& out) {

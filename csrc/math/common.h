@@ -22,6 +22,21 @@ FLOWKERN_HD float fk_log(float x) { return ::logf(x); }
 FLOWKERN_HD double fk_log(double x) { return ::log(x); }
 FLOWKERN_HD float fk_tanh(float x) { return ::tanhf(x); }
 FLOWKERN_HD double fk_tanh(double x) { return ::tanh(x); }
+FLOWKERN_HD float fk_log1p(float x) { return ::log1pf(x); }
+FLOWKERN_HD double fk_log1p(double x) { return ::log1p(x); }
+FLOWKERN_HD float fk_sqrt(float x) { return ::sqrtf(x); }
+FLOWKERN_HD double fk_sqrt(double x) { return ::sqrt(x); }
+FLOWKERN_HD float fk_abs(float x) { return ::fabsf(x); }
+FLOWKERN_HD double fk_abs(double x) { return ::fabs(x); }
+FLOWKERN_HD float fk_floor(float x) { return ::floorf(x); }
+FLOWKERN_HD double fk_floor(double x) { return ::floor(x); }
+FLOWKERN_HD float fk_max(float a, float b) { return ::fmaxf(a, b); }
+FLOWKERN_HD double fk_max(double a, double b) { return ::fmax(a, b); }
+FLOWKERN_HD float fk_min(float a, float b) { return ::fminf(a, b); }
+FLOWKERN_HD double fk_min(double a, double b) { return ::fmin(a, b); }
+// c ? a : b, elementwise for vectors (a mask then).
+FLOWKERN_HD float fk_where(bool c, float a, float b) { return c ? a : b; }
+FLOWKERN_HD double fk_where(bool c, double a, double b) { return c ? a : b; }
 
 // 1 / (1 + e^-x): exp overflows to inf for very negative x, giving exactly 0, never NaN.
 template <typename T>

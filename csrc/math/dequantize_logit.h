@@ -57,20 +57,10 @@ FLOWKERN_HD double counter_uniform<double>(uint64_t seed, uint64_t index) {
   return static_cast<double>(static_cast<int64_t>(counter_hash(seed, index) >> 11)) * 0x1p-53;
 }
 
-// Scalar helpers; cpu/likelihood.cpp declares their at::vec::Vectorized overloads before
-// including this header.
+// Scalar helpers of this op (the shared ones are math/common.h's); cpu/likelihood.cpp declares
+// their at::vec::Vectorized overloads before including this header.
 FLOWKERN_HD float dq_log(float a) { return fk_log(a); }
 FLOWKERN_HD double dq_log(double a) { return fk_log(a); }
-FLOWKERN_HD float dq_where(bool c, float a, float b) { return c ? a : b; }
-FLOWKERN_HD double dq_where(bool c, double a, double b) { return c ? a : b; }
-FLOWKERN_HD float dq_min(float a, float b) { return ::fminf(a, b); }
-FLOWKERN_HD double dq_min(double a, double b) { return ::fmin(a, b); }
-FLOWKERN_HD float dq_abs(float a) { return ::fabsf(a); }
-FLOWKERN_HD double dq_abs(double a) { return ::fabs(a); }
-FLOWKERN_HD float dq_floor(float a) { return ::floorf(a); }
-FLOWKERN_HD double dq_floor(double a) { return ::floor(a); }
-FLOWKERN_HD float dq_log1p(float a) { return ::log1pf(a); }
-FLOWKERN_HD double dq_log1p(double a) { return ::log1p(a); }
 // The largest value below `top`, for top >= 1 (a positive normal number).
 FLOWKERN_HD float dq_below(float top) { return ::nextafterf(top, 0.0f); }
 FLOWKERN_HD double dq_below(double top) { return ::nextafter(top, 0.0); }
@@ -82,7 +72,7 @@ FLOWKERN_HD double dq_clamp_pixel(double p) { return p < 0.0 ? 0.0 : (p > 255.0 
 // v = (x + u) / 256 with the clamp, from the pixel value as T.
 template <typename T>
 FLOWKERN_HD T dequantized(const T& pixel, const T& u) {
-  return dq_min(pixel + u, dq_below(pixel + T(1))) * T(1.0 / kPixelLevels);
+  return fk_min(pixel + u, dq_below(pixel + T(1))) * T(1.0 / kPixelLevels);
 }
 
 // v' and 1 - v' of one element (both kept to full relative precision; see the top).
@@ -125,11 +115,11 @@ FLOWKERN_HD T dequantize_logit_backward(const T& pixel, const T& u, const T& alp
 // One element of the inverse: the pixel value (in T) and -|y| - 2 log1p(e) for the row's log-det.
 template <typename T>
 FLOWKERN_HD void dequantize_logit_inverse(const T& y, const T& alpha, const T& scale, T& pixel, T& ld_term) {
-  const T a = dq_abs(y);
+  const T a = fk_abs(y);
   const T e = fk_exp(-a);  // never overflows; 0 far in the tails
-  const T sig = dq_where(y >= T(0), T(1), e) / (T(1) + e);
-  pixel = dq_clamp_pixel(dq_floor((sig - alpha) / scale * T(kPixelLevels)));
-  ld_term = -a - T(2) * dq_log1p(e);
+  const T sig = fk_where(y >= T(0), T(1), e) / (T(1) + e);
+  pixel = dq_clamp_pixel(fk_floor((sig - alpha) / scale * T(kPixelLevels)));
+  ld_term = -a - T(2) * fk_log1p(e);
 }
 
 }  // namespace math
@@ -138,16 +128,15 @@ FLOWKERN_HD void dequantize_logit_inverse(const T& y, const T& alpha, const T& s
 // ---- host side: the argument checks the CPU and CUDA launchers share ------------------------
 // (Python validates with friendly messages first; these guard the kernels against direct
 // torch.ops calls.)
-#include <ATen/core/Tensor.h>
+#include "../ops.h"
 
 #include <optional>
 
 namespace flowkern {
 
-// The dtype the kernels compute in for output dtype t: float32 for the half types.
-inline at::ScalarType dequantize_compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The dtype the kernels compute in for output dtype t: float32 for the half types (the log-det's
+// dtype too).
+inline at::ScalarType dequantize_compute_dtype(at::ScalarType t) { return logdet_dtype(t); }
 
 inline void check_dequantize_pixels(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kByte, "flowkern: dequantize_logit takes uint8 pixels, got ", x.scalar_type());
@@ -164,15 +153,6 @@ inline void check_dequantize_like(const char* name, const at::Tensor& t, const a
               (a == b ? "" : " or "), (a == b ? "" : c10::toString(b)), ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "flowkern: dequantize_logit ", name, " is on another device");
   TORCH_CHECK(t.is_contiguous(), "flowkern: dequantize_logit kernels take a contiguous ", name);
-}
-
-inline void check_dequantize_per_row(const std::optional<at::Tensor>& per_row, const at::Tensor& like,
-                                     at::ScalarType dtype) {
-  if (!per_row.has_value()) return;
-  TORCH_CHECK(per_row->dim() == 1 && per_row->size(0) == like.size(0) && per_row->is_contiguous(),
-              "flowkern: per-row tensor must be contiguous with shape (", like.size(0), ",)");
-  TORCH_CHECK(per_row->scalar_type() == dtype, "flowkern: per-row tensor must be ", dtype);
-  TORCH_CHECK(per_row->device() == like.device(), "flowkern: per-row tensor on another device");
 }
 
 inline void check_dequantize_alpha(double alpha) {

@@ -37,27 +37,16 @@ FLOWKERN_HD T gaussian_nll_grad_factor(T g, int64_t n, bool bits) {
 }  // namespace flowkern
 
 // ---- host side: the argument checks the CPU and CUDA launchers share ------------------------
-#include <ATen/core/Tensor.h>
+#include "../ops.h"
 
 #include <optional>
 
 namespace flowkern {
 
-inline at::ScalarType gaussian_nll_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline void check_gaussian_nll_z(const at::Tensor& z) {
   TORCH_CHECK(z.dim() >= 1, "flowkern: gaussian_nll needs a batch dimension");
   TORCH_CHECK(at::isFloatingType(z.scalar_type()), "flowkern: gaussian_nll takes floating z, got ", z.scalar_type());
   TORCH_CHECK(z.is_contiguous(), "flowkern: gaussian_nll kernels take a contiguous z");
-}
-
-// A (B,) contiguous float32 (float64 for float64 z) tensor on z's device.
-inline void check_gaussian_nll_per_row(const char* name, const at::Tensor& t, const at::Tensor& z) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == z.size(0) && t.is_contiguous(), "flowkern: gaussian_nll ", name,
-              " must be contiguous with shape (", z.size(0), ",)");
-  TORCH_CHECK(t.scalar_type() == gaussian_nll_dtype(z.scalar_type()), "flowkern: gaussian_nll ", name, " must be ",
-              gaussian_nll_dtype(z.scalar_type()), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == z.device(), "flowkern: gaussian_nll ", name, " is on another device");
 }
 
 }  // namespace flowkern

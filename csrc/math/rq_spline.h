@@ -55,19 +55,6 @@ constexpr double kRqMinHeight = 1e-3;
 constexpr double kRqMinDerivative = 1e-3;
 constexpr double kRqSoftplusThreshold = 20.0;  // torch's softplus: u itself above it
 
-// Scalar selects and helpers; cpu/rq_spline.cpp declares their at::vec::Vectorized overloads
-// before including this header.
-FLOWKERN_HD float fk_where(bool c, float a, float b) { return c ? a : b; }
-FLOWKERN_HD double fk_where(bool c, double a, double b) { return c ? a : b; }
-FLOWKERN_HD float fk_max(float a, float b) { return ::fmaxf(a, b); }
-FLOWKERN_HD double fk_max(double a, double b) { return ::fmax(a, b); }
-FLOWKERN_HD float fk_min(float a, float b) { return ::fminf(a, b); }
-FLOWKERN_HD double fk_min(double a, double b) { return ::fmin(a, b); }
-FLOWKERN_HD float fk_sqrt(float x) { return ::sqrtf(x); }
-FLOWKERN_HD double fk_sqrt(double x) { return ::sqrt(x); }
-FLOWKERN_HD float fk_log1p(float x) { return ::log1pf(x); }
-FLOWKERN_HD double fk_log1p(double x) { return ::log1p(x); }
-
 // a * b rounded on its own: never fused into an fma with a following add (the knots must
 // round as the reference's separate torch ops do, or an input exactly on a knot could land
 // in the other bin).
