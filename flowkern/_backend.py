@@ -117,3 +117,21 @@ def resolve(device: torch.device) -> str:
     if device.type != "cuda" and not _triton_interpreted():
         raise BackendUnavailable(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
     return "triton"
+
+
+def resolve_op(device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """resolve(device) for the kernels of op `op` (its forward's name in flowkern._C) on tensors
+    of `dtype`. "auto" falls back where those kernels cannot run: an extension built before `op`
+    (Triton on CUDA, else the reference), and float64 on Triton, which computes in float32 (the
+    reference). An explicit backend raises instead: nothing falls back silently."""
+    impl = resolve(device)
+    if impl == "compiled" and not _ext.has_op(op):
+        if _current != "auto":
+            raise BackendUnavailable(f"backend {_current!r}: flowkern._C has no {op} kernel; rebuild it")
+        impl = "triton" if device.type == "cuda" else "reference"
+    if impl == "triton" and dtype == torch.float64:
+        if _current == "triton":
+            raise TypeError("the Triton kernels compute in float32; for float64 use backend 'cpu', 'cuda' "
+                            "or 'reference'")
+        impl = "reference"
+    return impl

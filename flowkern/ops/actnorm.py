@@ -23,28 +23,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import _ext
-from .._backend import BackendUnavailable, get_backend, resolve
+from .._backend import resolve_op
 from ..reference.actnorm import actnorm_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions
-
-
-def channel_impl(x: torch.Tensor, op: str) -> str:
-    """The implementation that runs per-channel op `op` on x: "compiled", "triton" or "reference".
-
-    "auto" falls back to the reference where the kernels cannot take x (an extension built before
-    these kernels; float64 on Triton, which computes in float32); an explicit backend raises."""
-    impl = resolve(x.device)
-    if impl == "compiled" and not _ext.has_op(op):
-        if get_backend() != "auto":
-            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no {op} kernel; rebuild it")
-        impl = "triton" if x.device.type == "cuda" else "reference"
-    if impl == "triton" and x.dtype == torch.float64:
-        if get_backend() == "triton":
-            raise TypeError("the Triton kernels compute in float32; for float64 x use backend 'cpu', 'cuda' "
-                            "or 'reference'")
-        impl = "reference"
-    return impl
 
 
 def kernel_dtype(x: torch.Tensor, impl: str) -> torch.dtype:
@@ -150,7 +132,7 @@ def actnorm(
     _checks.per_channel("log_scale", log_scale, x)
     logdet = _checks.running_logdet(logdet, x)
     inverse = bool(inverse)
-    impl = channel_impl(x, "actnorm_fwd")
+    impl = resolve_op(x.device, x.dtype, "actnorm_fwd")
     if impl == "reference":
         return actnorm_ref(x, shift, log_scale, inverse=inverse, logdet=logdet)
     dtype = x.dtype

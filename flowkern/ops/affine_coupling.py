@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import get_backend, resolve
+from .._backend import resolve_op
 from ..reference.affine_coupling import SCALES, affine_coupling_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
@@ -89,19 +89,13 @@ def affine_coupling(
     _checks.choice("scale", scale, SCALES)
     clamp = _checks.positive("clamp", clamp)
     logdet = _checks.running_logdet(logdet, x)
-    impl = resolve(x.device)
+    impl = resolve_op(x.device, x.dtype, "affine_coupling_fwd")
     if impl == "reference":
         return affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=bool(inverse), logdet=logdet)
     dtype = x.dtype
     if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         # The CPU kernels are float32/float64; half types compute in float32 and round once.
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
-    if impl == "triton" and dtype == torch.float64:
-        # The Triton kernels compute in float32: never hand them float64 silently.
-        if get_backend() == "triton":
-            raise TypeError("the Triton kernels compute in float32; for float64 x use backend 'cpu', 'cuda' "
-                            "or 'reference'")
-        return affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=bool(inverse), logdet=logdet)
     x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
     mode, inverse = SCALE_MODES[scale], bool(inverse)
     # A saved tanh factor exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward

@@ -36,10 +36,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
+from .._backend import resolve_op
 from ..reference.batchnorm_flow import batch_stats_ref, batchnorm_flow_ref, batchnorm_flow_train_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
-from .actnorm import channel_impl, kernel_dtype, kernel_inputs, register_channel_vmap
+from .actnorm import kernel_dtype, kernel_inputs, register_channel_vmap
 
 
 def _kernels(impl: str):
@@ -141,7 +142,7 @@ def batchnorm_flow(
     eps = _checks.positive("eps", eps)
     logdet = _checks.running_logdet(logdet, x)
     inverse = bool(inverse)
-    impl = channel_impl(x, "batchnorm_flow_fwd")
+    impl = resolve_op(x.device, x.dtype, "batchnorm_flow_fwd")
     if impl == "reference":
         return batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, inverse=inverse, logdet=logdet)
     dtype = x.dtype
@@ -172,7 +173,7 @@ def batchnorm_flow_train(
     eps = _checks.positive("eps", eps)
     logdet = _checks.running_logdet(logdet, x)
     _check_values_per_channel(x)
-    impl = channel_impl(x, "batchnorm_flow_fwd")
+    impl = resolve_op(x.device, x.dtype, "batchnorm_flow_fwd")
     if impl == "reference":
         return batchnorm_flow_train_ref(x, log_gamma, beta, eps=eps, logdet=logdet)
     dtype = x.dtype
@@ -197,7 +198,7 @@ def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_values_per_channel(x)
     if needs_grad(x) or under_functorch_or_forward_ad(x):
         return batch_stats_ref(x)
-    impl = channel_impl(x, "batch_stats")
+    impl = resolve_op(x.device, x.dtype, "batch_stats")
     if impl == "reference":
         return batch_stats_ref(x)
     mean, var = _stats_kernel(impl)(*kernel_inputs(kernel_dtype(x, impl), x))

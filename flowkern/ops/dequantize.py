@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import BackendUnavailable, get_backend, resolve
+from .._backend import resolve_op
 from ..reference.dequantize import (dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref, draw_seed,
                                     logit_ref, quantize_ref, seed_as_int64)
 from . import _checks
@@ -203,23 +203,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _impl_for(device: torch.device, dtype: torch.dtype) -> str:
-    """The implementation of the fused ops for tensors on `device` computing in `dtype`."""
-    impl = resolve(device)
-    if impl == "compiled" and not _ext.has_op("dequantize_logit_fwd"):  # an extension built before the op
-        if get_backend() != "auto":
-            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no dequantize_logit kernels; "
-                                     "rebuild it")
-        impl = "triton" if device.type == "cuda" else "reference"
-    if impl == "triton" and dtype == torch.float64:
-        # The Triton kernels compute in float32: never hand them float64 silently.
-        if get_backend() == "triton":
-            raise TypeError("the Triton kernels compute in float32; for dtype float64 use backend 'cpu', 'cuda' "
-                            "or 'reference'")
-        impl = "reference"
-    return impl
-
-
 def _kernels(impl: str):
     if impl == "compiled":
         ops = torch.ops.flowkern
@@ -325,7 +308,7 @@ def dequantize_logit(
             noise = torch.rand(x_uint8.shape, generator=generator, dtype=compute, device=device).to(x_uint8.device)
         else:
             seed = draw_seed(generator)
-    impl = _impl_for(x_uint8.device, dtype)
+    impl = resolve_op(x_uint8.device, dtype, "dequantize_logit_fwd")
     if impl == "reference":
         return dequantize_logit_ref(x_uint8, noise, alpha=alpha, seed=seed, dtype=dtype, logdet=logdet)
     x = x_uint8.to(torch.uint8).contiguous()  # the kernels read one byte per pixel
@@ -358,7 +341,7 @@ def dequantize_logit_inverse(
     _checks.tensor("y", y)
     alpha = check_alpha(alpha)
     logdet = _checks.running_logdet(logdet, y)
-    impl = _impl_for(y.device, y.dtype)
+    impl = resolve_op(y.device, y.dtype, "dequantize_logit_fwd")
     if impl == "reference":
         return dequantize_logit_inverse_ref(y, alpha=alpha, logdet=logdet)
     dtype = y.dtype

@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _ext
-from .._backend import BackendUnavailable, get_backend, resolve
+from .._backend import resolve_op
 from ..reference.gaussian_nll import gaussian_nll_ref
 from . import _checks
 from ._autograd import needs_grad, under_functorch_or_forward_ad
@@ -100,17 +100,7 @@ def gaussian_nll(z: torch.Tensor, logdet: Optional[torch.Tensor] = None, *,
     bits = bool(bits_per_dim)
     if bits and math.prod(z.shape[1:]) == 0:
         raise ValueError(f"bits_per_dim needs at least one element per row, got z of shape {tuple(z.shape)}")
-    impl = resolve(z.device)
-    if impl == "compiled" and not _ext.has_op("gaussian_nll_fwd"):  # an extension built before this op
-        if get_backend() != "auto":
-            raise BackendUnavailable(f"backend {get_backend()!r}: flowkern._C has no gaussian_nll kernels; rebuild it")
-        impl = "triton" if z.device.type == "cuda" else "reference"
-    if impl == "triton" and z.dtype == torch.float64:
-        # The Triton kernels compute in float32: never hand them float64 silently.
-        if get_backend() == "triton":
-            raise TypeError("the Triton kernels compute in float32; for float64 z use backend 'cpu', 'cuda' "
-                            "or 'reference'")
-        impl = "reference"
+    impl = resolve_op(z.device, z.dtype, "gaussian_nll_fwd")
     if impl == "reference":
         return gaussian_nll_ref(z, logdet, bits_per_dim=bits)
     if impl == "compiled" and z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
