@@ -196,38 +196,35 @@ def _shape_name(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def actnorm_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+def _channel_cases(device: str, quick: bool, call: Callable, passes: int) -> list:
+    """Cases of a per-channel op (x, and two (C,) parameters) at MNIST shapes; `passes` is how
+    many times the fused fwd+bwd reads or writes an x-sized tensor."""
     cases = []
     for shape in _mnist_shapes(device, quick):
         gen = torch.Generator().manual_seed(0)
         x, gy = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
-        c = shape[1]
-        t, s = (0.1 * torch.randn(c, generator=gen)).to(device), (0.1 * torch.randn(c, generator=gen)).to(device)
+        p1, p2 = ((0.1 * torch.randn(shape[1], generator=gen)).to(device) for _ in range(2))
         gl = torch.randn(shape[0], generator=gen).to(device)
-        n = x.numel() * x.element_size()
-        cases.append((_shape_name(shape), lambda fn, *a: fn(*a), [x, t, s], (gy, gl), 5 * n, x))
+        cases.append((_shape_name(shape), call, [x, p1, p2], (gy, gl), passes * x.numel() * x.element_size(), x))
+    return cases
+
+
+def actnorm_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
+    cases = _channel_cases(device, quick, lambda fn, *a: fn(*a), 5)  # a = (x, shift, log_scale)
     return _suite("actnorm", "actnorm (float32; fwd+bwd includes the shift and log-scale gradients)", device,
                   budget_s, implementations(device, actnorm, actnorm_ref), cases)
 
 
 def batchnorm_flow_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
     """Training mode: batch statistics, normalisation and log-det, gradients through the statistics."""
-    def train(fn, *a):
+    def train(fn, *a):  # a = (x, log_gamma, beta); (out, logdet) of (out, logdet, mean, var)
         out, ld = fn(*a)[:2]
         return out, ld
 
-    cases = []
-    for shape in _mnist_shapes(device, quick):
-        gen = torch.Generator().manual_seed(0)
-        x, gy = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
-        c = shape[1]
-        lg, b = (0.1 * torch.randn(c, generator=gen)).to(device), (0.1 * torch.randn(c, generator=gen)).to(device)
-        gl = torch.randn(shape[0], generator=gen).to(device)
-        n = x.numel() * x.element_size()
-        cases.append((_shape_name(shape), train, [x, lg, b], (gy, gl), 7 * n, x))
     return _suite("batchnorm_flow", "batchnorm_flow, training mode (float32; batch statistics, gradients "
                   "through them)", device, budget_s,
-                  implementations(device, batchnorm_flow_train, batchnorm_flow_train_ref), cases)
+                  implementations(device, batchnorm_flow_train, batchnorm_flow_train_ref),
+                  _channel_cases(device, quick, train, 7))
 
 
 def dequantize_logit_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
