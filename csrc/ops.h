@@ -46,6 +46,40 @@ inline void check_affine_inputs(const at::Tensor& a, const at::Tensor& b, const 
   check_per_row(per_row, a.size(0), logdet_dtype(a.scalar_type()), a.device());
 }
 
+// A (rows, cols) matrix whose rows are each contiguous, at any row stride: a view of wider
+// rows (the halves of a coupling layer's input or of its conditioner's output).
+inline void check_rows(const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == like.size(0), "flowkern: affine_coupling_merge: ", name,
+              " must be 2-D with ", like.size(0), " rows, got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "flowkern: affine_coupling_merge: ", name,
+              " needs contiguous rows, got strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "flowkern: affine_coupling_merge tensors differ in dtype");
+  TORCH_CHECK(t.device() == like.device(), "flowkern: affine_coupling_merge tensors differ in device");
+}
+
+// affine_coupling_merge_fwd: kept (B, k), x (B, n), params (B, 2n) = [shift | raw scale].
+inline void check_affine_merge_inputs(const at::Tensor& kept, const at::Tensor& x, const at::Tensor& params,
+                                      const std::optional<at::Tensor>& per_row) {
+  check_rows("x", x, x);
+  check_rows("kept", kept, x);
+  check_rows("params", params, x);
+  TORCH_CHECK(params.size(1) == 2 * x.size(1), "flowkern: affine_coupling_merge params must have 2 * ", x.size(1),
+              " columns, got ", params.size(1));
+  check_per_row(per_row, x.size(0), logdet_dtype(x.scalar_type()), x.device());
+}
+
+// affine_coupling_merge_bwd: grad_out (B, k + n), saved and scale_or_factor (B, n).
+inline void check_affine_merge_grads(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet,
+                                     const at::Tensor& saved, const at::Tensor& scale_or_factor) {
+  check_rows("saved", saved, saved);
+  check_rows("grad_out", grad_out, saved);
+  check_rows("scale_or_factor", scale_or_factor, saved);
+  TORCH_CHECK(scale_or_factor.size(1) == saved.size(1) && grad_out.size(1) >= saved.size(1),
+              "flowkern: affine_coupling_merge_bwd shapes disagree: grad_out ", grad_out.sizes(), ", saved ",
+              saved.sizes(), ", scale_or_factor ", scale_or_factor.sizes());
+  check_per_row(grad_logdet, saved.size(0), logdet_dtype(saved.scalar_type()), saved.device());
+}
+
 // rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all
 // contiguous; bins within the kernels' fixed-size knot arrays (math/rq_spline.h: 64).
 inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x, const at::Tensor& params,
@@ -92,6 +126,13 @@ void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
   std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(                                              \
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved, \
       const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse);   \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_fwd(                            \
+      const at::Tensor& kept, const at::Tensor& x, const at::Tensor& params, int64_t mode, double clamp, \
+      bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor, bool kept_first);       \
+  std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(                                        \
+      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved, \
+      const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse,    \
+      bool kept_first);                                                                               \
   std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,    \
                                                    double bound, bool inverse,                                     \
                                                    const std::optional<at::Tensor>& logdet);                        \

@@ -13,6 +13,15 @@ TORCH_LIBRARY(flowkern, m) {
   // (grad_in, grad_scale_raw) from the raw scale, or from the saved factor when is_factor.
   m.def("affine_coupling_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_or_factor, "
         "bool is_factor, int mode, float clamp, bool inverse) -> (Tensor, Tensor)");
+  // A coupling layer's transform and merge in one pass: x (B, n) transformed by params (B, 2n) =
+  // [shift | raw scale], written beside kept (B, k) into out (B, k + n) (kept first or last).
+  // Inputs may be views with contiguous rows at any row stride. (out, logdet, factor).
+  m.def("affine_coupling_merge_fwd(Tensor kept, Tensor x, Tensor params, int mode, float clamp, bool inverse, "
+        "Tensor? logdet, bool save_factor, bool kept_first) -> (Tensor, Tensor, Tensor)");
+  // (grad_x (B, n), grad_params (B, 2n)) from grad_out (B, k + n); kept's gradient is grad_out's
+  // kept columns, which the caller takes as a view.
+  m.def("affine_coupling_merge_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_or_factor, "
+        "bool is_factor, int mode, float clamp, bool inverse, bool kept_first) -> (Tensor, Tensor)");
   // (out, logdet): x (B, ...) with params x.shape + (3 bins - 1,) = [widths | heights | derivatives];
   // logdet (B,) = logdet_in + the row's sum of log|dout/dx| (float32, float64 for float64 x).
   m.def("rq_spline_fwd(Tensor x, Tensor params, int bins, float bound, bool inverse, Tensor? logdet) "
@@ -64,6 +73,8 @@ TORCH_LIBRARY(flowkern, m) {
 TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("affine_coupling_fwd", &flowkern::cpu::affine_coupling_fwd);
   m.impl("affine_coupling_bwd", &flowkern::cpu::affine_coupling_bwd);
+  m.impl("affine_coupling_merge_fwd", &flowkern::cpu::affine_coupling_merge_fwd);
+  m.impl("affine_coupling_merge_bwd", &flowkern::cpu::affine_coupling_merge_bwd);
   m.impl("rq_spline_fwd", &flowkern::cpu::rq_spline_fwd);
   m.impl("rq_spline_bwd", &flowkern::cpu::rq_spline_bwd);
 }
@@ -72,6 +83,8 @@ TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
 TORCH_LIBRARY_IMPL(flowkern, CUDA, m) {
   m.impl("affine_coupling_fwd", &flowkern::cuda::affine_coupling_fwd);
   m.impl("affine_coupling_bwd", &flowkern::cuda::affine_coupling_bwd);
+  m.impl("affine_coupling_merge_fwd", &flowkern::cuda::affine_coupling_merge_fwd);
+  m.impl("affine_coupling_merge_bwd", &flowkern::cuda::affine_coupling_merge_bwd);
   m.impl("rq_spline_fwd", &flowkern::cuda::rq_spline_fwd);
   m.impl("rq_spline_bwd", &flowkern::cuda::rq_spline_bwd);
 }

@@ -14,6 +14,7 @@
 #include "../ops.h"
 
 #include <ATen/Dispatch.h>
+#include <cstring>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -59,24 +60,29 @@ struct LogFactorSum {
 };
 
 template <typename scalar_t, int MODE, bool INVERSE>
-void fwd_rows(const scalar_t* x, const scalar_t* t, const scalar_t* s, scalar_t* out, scalar_t* factor_out,
-              scalar_t* ld_out, const scalar_t* ld_in, int64_t rows, int64_t n, scalar_t clamp) {
+void fwd_rows(const AffineFwdRows<scalar_t>& a, scalar_t* ld_out, const scalar_t* ld_in, int64_t rows, int64_t n,
+              scalar_t clamp) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   constexpr bool kNeedLogm = MODE != kAffineSigmoid;
   const Vec vclamp(clamp);
-  at::parallel_for(0, rows, row_grain(n, 32768), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, row_grain(n + a.k, 32768), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * n;
+      const scalar_t* x = a.x + r * a.x_rs;
+      const scalar_t* t = a.t + r * a.t_rs;
+      const scalar_t* s = a.s + r * a.s_rs;
+      scalar_t* out = a.out + r * a.out_rs;
+      scalar_t* factor_out = a.factor ? a.factor + r * n : nullptr;
+      if (a.kept) std::memcpy(out + a.kept_at, a.kept + r * a.kept_rs, a.k * sizeof(scalar_t));
+      out += a.moved_at;
       LogFactorSum<scalar_t, MODE, INVERSE> logdet;
       for (int64_t j = 0; j < n; j += W) {
         const int64_t lanes = std::min<int64_t>(W, n - j);
-        const int64_t i = base + j;
         Vec factor, logm;
-        affine_factor<MODE, INVERSE, kNeedLogm>(Vec::loadu(s + i, lanes), vclamp, factor, logm);
-        const Vec o = affine_apply<INVERSE>(Vec::loadu(x + i, lanes), Vec::loadu(t + i, lanes), factor);
-        o.store(out + i, lanes);
-        if (factor_out) factor.store(factor_out + i, lanes);
+        affine_factor<MODE, INVERSE, kNeedLogm>(Vec::loadu(s + j, lanes), vclamp, factor, logm);
+        const Vec o = affine_apply<INVERSE>(Vec::loadu(x + j, lanes), Vec::loadu(t + j, lanes), factor);
+        o.store(out + j, lanes);
+        if (factor_out) factor.store(factor_out + j, lanes);
         logdet.add(factor, logm, lanes);
       }
       ld_out[r] = (ld_in ? ld_in[r] : scalar_t(0)) + logdet.total();
@@ -85,24 +91,29 @@ void fwd_rows(const scalar_t* x, const scalar_t* t, const scalar_t* s, scalar_t*
 }
 
 template <typename scalar_t, int MODE, bool INVERSE, bool FROM_FACTOR>
-void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* saved, const scalar_t* s_or_factor,
-              scalar_t* grad_in, scalar_t* grad_s, int64_t rows, int64_t n, scalar_t clamp) {
+void bwd_rows(const AffineBwdRows<scalar_t>& a, const scalar_t* gld, int64_t rows, int64_t n, scalar_t clamp) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   const Vec vclamp(clamp);
   at::parallel_for(0, rows, row_grain(n, 32768), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r * n;
+      const scalar_t* g = a.g + r * a.g_rs;
+      const scalar_t* saved = a.saved + r * a.saved_rs;
+      const scalar_t* s = a.s + r * a.s_rs;
+      scalar_t* grad_in = a.grad_in + r * n;
+      scalar_t* grad_s = a.grad_s + r * a.grad_s_rs;
+      scalar_t* grad_shift = a.grad_shift ? a.grad_shift + r * a.grad_shift_rs : nullptr;
       const Vec vgld(gld ? gld[r] : scalar_t(0));
       for (int64_t j = 0; j < n; j += W) {
         const int64_t lanes = std::min<int64_t>(W, n - j);
-        const int64_t i = base + j;
         // Padding lanes of a tail load are 0; a zero factor only feeds lanes never stored.
+        const Vec vg = Vec::loadu(g + j, lanes);
         Vec gi, gs;
-        affine_backward<MODE, INVERSE, FROM_FACTOR>(Vec::loadu(g + i, lanes), vgld, Vec::loadu(saved + i, lanes),
-                                                    Vec::loadu(s_or_factor + i, lanes), vclamp, gi, gs);
-        gi.store(grad_in + i, lanes);
-        gs.store(grad_s + i, lanes);
+        affine_backward<MODE, INVERSE, FROM_FACTOR>(vg, vgld, Vec::loadu(saved + j, lanes),
+                                                    Vec::loadu(s + j, lanes), vclamp, gi, gs);
+        gi.store(grad_in + j, lanes);
+        gs.store(grad_s + j, lanes);
+        if (grad_shift) affine_shift_grad<INVERSE>(vg, gi).store(grad_shift + j, lanes);
       }
     }
   });
@@ -111,6 +122,34 @@ void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* saved, con
 void check_cpu_dtype(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
               "flowkern: the CPU affine_coupling kernel takes float32 or float64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+namespace {
+
+template <typename scalar_t>
+void run_fwd(AffineFwdRows<scalar_t> a, const std::optional<at::Tensor>& logdet, at::Tensor& ld, int64_t mode,
+             bool inverse, int64_t rows, int64_t n, double clamp) {
+  const scalar_t* ld_in = logdet.has_value() ? logdet->data_ptr<scalar_t>() : nullptr;
+  dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
+    fwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value>(a, ld.data_ptr<scalar_t>(), ld_in, rows, n,
+                                                                          static_cast<scalar_t>(clamp));
+  });
+}
+
+template <typename scalar_t>
+void run_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor>& grad_logdet, bool is_factor, int64_t mode,
+             bool inverse, int64_t rows, int64_t n, double clamp) {
+  const scalar_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<scalar_t>() : nullptr;
+  dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
+    auto run = [&](auto from_factor_c) {
+      bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, decltype(from_factor_c)::value>(
+          a, gld, rows, n, static_cast<scalar_t>(clamp));
+    };
+    if (is_factor) run(std::true_type{});
+    else run(std::false_type{});
+  });
 }
 
 }  // namespace
@@ -126,14 +165,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
   auto factor = save_factor ? at::empty_like(x) : at::empty({0}, x.options());
   auto ld = at::empty({rows}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flowkern_affine_coupling_fwd_cpu", [&] {
-    const scalar_t* ld_in = logdet.has_value() ? logdet->data_ptr<scalar_t>() : nullptr;
-    scalar_t* factor_out = save_factor ? factor.data_ptr<scalar_t>() : nullptr;
-    dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
-      fwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value>(
-          x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale_raw.data_ptr<scalar_t>(),
-          out.data_ptr<scalar_t>(), factor_out, ld.data_ptr<scalar_t>(), ld_in, rows, n,
-          static_cast<scalar_t>(clamp));
-    });
+    AffineFwdRows<scalar_t> a{x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale_raw.data_ptr<scalar_t>(), n, n, n,
+                        out.data_ptr<scalar_t>(), n, 0, save_factor ? factor.data_ptr<scalar_t>() : nullptr};
+    run_fwd(a, logdet, ld, mode, inverse, rows, n, clamp);
   });
   return {out, ld, factor};
 }
@@ -149,18 +183,49 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_ou
   auto grad_in = at::empty_like(saved);
   auto grad_s = at::empty_like(saved);
   AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "flowkern_affine_coupling_bwd_cpu", [&] {
-    const scalar_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<scalar_t>() : nullptr;
-    dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
-      auto run = [&](auto from_factor_c) {
-        bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, decltype(from_factor_c)::value>(
-            grad_out.data_ptr<scalar_t>(), gld, saved.data_ptr<scalar_t>(), scale_or_factor.data_ptr<scalar_t>(),
-            grad_in.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(), rows, n, static_cast<scalar_t>(clamp));
-      };
-      if (is_factor) run(std::true_type{});
-      else run(std::false_type{});
-    });
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(), scale_or_factor.data_ptr<scalar_t>(),
+                        n, n, n, grad_in.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(), n};
+    run_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp);
   });
   return {grad_in, grad_s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_fwd(
+    const at::Tensor& kept, const at::Tensor& x, const at::Tensor& params, int64_t mode, double clamp, bool inverse,
+    const std::optional<at::Tensor>& logdet, bool save_factor, bool kept_first) {
+  check_affine_merge_inputs(kept, x, params, logdet);
+  check_cpu_dtype(x);
+  const int64_t rows = x.size(0), n = x.size(1), k = kept.size(1);
+  auto out = at::empty({rows, k + n}, x.options());
+  auto factor = save_factor ? at::empty({rows, n}, x.options()) : at::empty({0}, x.options());
+  auto ld = at::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "flowkern_affine_coupling_merge_fwd_cpu", [&] {
+    const scalar_t* p = params.data_ptr<scalar_t>();
+    AffineFwdRows<scalar_t> a{x.data_ptr<scalar_t>(), p, p + n, x.stride(0), params.stride(0), params.stride(0),
+                        out.data_ptr<scalar_t>(), k + n, kept_first ? k : 0,
+                        save_factor ? factor.data_ptr<scalar_t>() : nullptr,
+                        kept.data_ptr<scalar_t>(), kept.stride(0), k, kept_first ? 0 : n};
+    run_fwd(a, logdet, ld, mode, inverse, rows, n, clamp);
+  });
+  return {out, ld, factor};
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved,
+    const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse, bool kept_first) {
+  check_affine_merge_grads(grad_out, grad_logdet, saved, scale_or_factor);
+  check_cpu_dtype(saved);
+  const int64_t rows = saved.size(0), n = saved.size(1), k = grad_out.size(1) - n;
+  auto grad_x = at::empty({rows, n}, saved.options());
+  auto grad_params = at::empty({rows, 2 * n}, saved.options());
+  AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "flowkern_affine_coupling_merge_bwd_cpu", [&] {
+    scalar_t* gp = grad_params.data_ptr<scalar_t>();
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + (kept_first ? k : 0), saved.data_ptr<scalar_t>(),
+                        scale_or_factor.data_ptr<scalar_t>(), grad_out.stride(0), saved.stride(0),
+                        scale_or_factor.stride(0), grad_x.data_ptr<scalar_t>(), gp + n, 2 * n, gp, 2 * n};
+    run_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp);
+  });
+  return {grad_x, grad_params};
 }
 
 }  // namespace cpu

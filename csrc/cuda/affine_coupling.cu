@@ -21,46 +21,94 @@ namespace {
 
 using namespace flowkern::math;
 
+// One block per row. Rows sit at their tensors' row strides (AffineFwdRows); `kept`, when
+// set, is copied into the row of `out` beside the transformed part.
 template <typename scalar_t, typename acc_t, int MODE, bool INVERSE>
-__global__ void affine_coupling_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t,
-                                           const scalar_t* __restrict__ s, scalar_t* __restrict__ out,
-                                           scalar_t* __restrict__ factor_out,  // null unless saving
-                                           acc_t* __restrict__ ld_out, const acc_t* __restrict__ ld_in,
-                                           int64_t n,  // elements per row = row stride of every tensor
-                                           acc_t clamp) {
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * n;
+__global__ void affine_coupling_fwd_kernel(const AffineFwdRows<scalar_t> a, acc_t* __restrict__ ld_out,
+                                           const acc_t* __restrict__ ld_in, int64_t n, acc_t clamp) {
+  const int64_t r = blockIdx.x;
+  const scalar_t* __restrict__ x = a.x + r * a.x_rs;
+  const scalar_t* __restrict__ t = a.t + r * a.t_rs;
+  const scalar_t* __restrict__ s = a.s + r * a.s_rs;
+  scalar_t* __restrict__ out = a.out + r * a.out_rs;
+  scalar_t* __restrict__ factor_out = a.factor ? a.factor + r * n : nullptr;
+  if (a.kept) {
+    const scalar_t* __restrict__ kept = a.kept + r * a.kept_rs;
+    for (int64_t j = threadIdx.x; j < a.k; j += blockDim.x) out[a.kept_at + j] = kept[j];
+  }
+  out += a.moved_at;
   acc_t acc = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     acc_t factor, logm;
-    affine_factor<MODE, INVERSE>(static_cast<acc_t>(s[base + j]), clamp, factor, logm);
-    out[base + j] =
-        static_cast<scalar_t>(affine_apply<INVERSE>(static_cast<acc_t>(x[base + j]), static_cast<acc_t>(t[base + j]), factor));
-    if (factor_out) factor_out[base + j] = static_cast<scalar_t>(factor);
+    affine_factor<MODE, INVERSE>(static_cast<acc_t>(s[j]), clamp, factor, logm);
+    out[j] = static_cast<scalar_t>(affine_apply<INVERSE>(static_cast<acc_t>(x[j]), static_cast<acc_t>(t[j]), factor));
+    if (factor_out) factor_out[j] = static_cast<scalar_t>(factor);
     acc += logm;
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) {
-    const acc_t prev = ld_in ? ld_in[blockIdx.x] : acc_t(0);
-    ld_out[blockIdx.x] = prev + (INVERSE ? -acc : acc);
+    const acc_t prev = ld_in ? ld_in[r] : acc_t(0);
+    ld_out[r] = prev + (INVERSE ? -acc : acc);
   }
 }
 
+// Purely elementwise: a flat grid-stride loop over rows * n, each index split into (row, col)
+// to find the element at its tensor's row stride.
 template <typename scalar_t, typename acc_t, int MODE, bool INVERSE, bool FROM_FACTOR>
-__global__ void affine_coupling_bwd_kernel(const scalar_t* __restrict__ g, const acc_t* __restrict__ gld,
-                                           const scalar_t* __restrict__ saved,
-                                           const scalar_t* __restrict__ s,  // raw scale, or the saved factor
-                                           scalar_t* __restrict__ grad_in, scalar_t* __restrict__ grad_s,
-                                           int64_t numel, int64_t n,  // n: elements per row, maps index -> row
-                                           acc_t clamp) {
+__global__ void affine_coupling_bwd_kernel(const AffineBwdRows<scalar_t> a, const acc_t* __restrict__ gld,
+                                           int64_t numel, int64_t n, acc_t clamp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
-    const acc_t row_gld = gld ? gld[i / n] : acc_t(0);
+    const int64_t r = i / n, c = i - r * n;
+    const acc_t g = static_cast<acc_t>(a.g[r * a.g_rs + c]);
     acc_t gi, gs;
-    affine_backward<MODE, INVERSE, FROM_FACTOR>(static_cast<acc_t>(g[i]), row_gld, static_cast<acc_t>(saved[i]),
-                                   static_cast<acc_t>(s[i]), clamp, gi, gs);
-    grad_in[i] = static_cast<scalar_t>(gi);
-    grad_s[i] = static_cast<scalar_t>(gs);
+    affine_backward<MODE, INVERSE, FROM_FACTOR>(g, gld ? gld[r] : acc_t(0), static_cast<acc_t>(a.saved[r * a.saved_rs + c]),
+                                                static_cast<acc_t>(a.s[r * a.s_rs + c]), clamp, gi, gs);
+    a.grad_in[i] = static_cast<scalar_t>(gi);
+    a.grad_s[r * a.grad_s_rs + c] = static_cast<scalar_t>(gs);
+    if (a.grad_shift) a.grad_shift[r * a.grad_shift_rs + c] = static_cast<scalar_t>(affine_shift_grad<INVERSE>(g, gi));
   }
+}
+
+template <typename scalar_t>
+void launch_fwd(const AffineFwdRows<scalar_t>& a, const std::optional<at::Tensor>& logdet, at::Tensor& ld,
+                int64_t mode, bool inverse, int64_t rows, int64_t n, double clamp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* ld_in = logdet.has_value() ? logdet->data_ptr<acc_t>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
+    affine_coupling_fwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value>
+        <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a, ld.data_ptr<acc_t>(), ld_in, n,
+                                                                static_cast<acc_t>(clamp));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor>& grad_logdet, bool is_factor,
+                int64_t mode, bool inverse, int64_t rows, int64_t n, double clamp, int device) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t numel = rows * n;
+  if (numel == 0) return;
+  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, multiprocessor_count(device) * 32);
+  const acc_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<acc_t>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
+    auto run = [&](auto from_factor_c) {
+      affine_coupling_bwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value,
+                                 decltype(from_factor_c)::value>
+          <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, gld, numel, n, static_cast<acc_t>(clamp));
+    };
+    if (is_factor) run(std::true_type{});
+    else run(std::false_type{});
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_save_factor(bool save_factor, const at::Tensor& x) {
+  TORCH_CHECK(!save_factor || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "flowkern: save_factor needs float32/float64 (a half-precision factor would cost the "
+              "backward three digits); recompute from the raw scale instead");
 }
 
 }  // namespace
@@ -69,9 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
     const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale_raw, int64_t mode, double clamp,
     bool inverse, const std::optional<at::Tensor>& logdet, bool save_factor) {
   check_affine_inputs(x, shift, scale_raw, logdet);
-  TORCH_CHECK(!save_factor || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "flowkern: save_factor needs float32/float64 (a half-precision factor would cost the "
-              "backward three digits); recompute from the raw scale instead");
+  check_save_factor(save_factor, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -80,19 +126,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_fwd(
   auto factor = save_factor ? at::empty_like(x) : at::empty({0}, x.options());
   auto ld = at::empty({rows}, x.options().dtype(logdet_dtype(x.scalar_type())));
   if (rows == 0) return {out, ld, factor};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flowkern_affine_coupling_fwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* ld_in = logdet.has_value() ? logdet->data_ptr<acc_t>() : nullptr;
-    dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
-      affine_coupling_fwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value>
-          <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-              x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale_raw.data_ptr<scalar_t>(),
-              out.data_ptr<scalar_t>(), save_factor ? factor.data_ptr<scalar_t>() : nullptr, ld.data_ptr<acc_t>(),
-              ld_in, n, static_cast<acc_t>(clamp));
-    });
+    AffineFwdRows<scalar_t> a{x.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), scale_raw.data_ptr<scalar_t>(), n, n,
+                              n, out.data_ptr<scalar_t>(), n, 0, save_factor ? factor.data_ptr<scalar_t>() : nullptr};
+    launch_fwd(a, logdet, ld, mode, inverse, rows, n, clamp);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, ld, factor};
 }
 
@@ -103,31 +141,57 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& grad_ou
   check_affine_inputs(saved, grad_out, scale_or_factor, grad_logdet);
   const c10::cuda::CUDAGuard guard(saved.device());
   const int64_t rows = saved.size(0);
-  const int64_t numel = saved.numel();
-  const int64_t n = rows == 0 ? 0 : numel / rows;
+  const int64_t n = rows == 0 ? 0 : saved.numel() / rows;
   auto grad_in = at::empty_like(saved);
   auto grad_s = at::empty_like(saved);
-  if (numel == 0) return {grad_in, grad_s};
-  const int64_t sms = multiprocessor_count(saved.get_device());
-  const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, sms * 32);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "flowkern_affine_coupling_bwd_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<acc_t>() : nullptr;
-    dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
-      auto run = [&](auto from_factor_c) {
-        affine_coupling_bwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value,
-                                   decltype(from_factor_c)::value>
-            <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-                grad_out.data_ptr<scalar_t>(), gld, saved.data_ptr<scalar_t>(), scale_or_factor.data_ptr<scalar_t>(),
-                grad_in.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(), numel, n, static_cast<acc_t>(clamp));
-      };
-      if (is_factor) run(std::true_type{});
-      else run(std::false_type{});
-    });
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
+                              scale_or_factor.data_ptr<scalar_t>(), n, n, n, grad_in.data_ptr<scalar_t>(),
+                              grad_s.data_ptr<scalar_t>(), n};
+    launch_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp, saved.get_device());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_in, grad_s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_fwd(
+    const at::Tensor& kept, const at::Tensor& x, const at::Tensor& params, int64_t mode, double clamp, bool inverse,
+    const std::optional<at::Tensor>& logdet, bool save_factor, bool kept_first) {
+  check_affine_merge_inputs(kept, x, params, logdet);
+  check_save_factor(save_factor, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), n = x.size(1), k = kept.size(1);
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "flowkern: too many rows for one launch");
+  auto out = at::empty({rows, k + n}, x.options());
+  auto factor = save_factor ? at::empty({rows, n}, x.options()) : at::empty({0}, x.options());
+  auto ld = at::empty({rows}, x.options().dtype(logdet_dtype(x.scalar_type())));
+  if (rows == 0) return {out, ld, factor};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flowkern_affine_coupling_merge_fwd_cuda", [&] {
+    const scalar_t* p = params.data_ptr<scalar_t>();
+    AffineFwdRows<scalar_t> a{x.data_ptr<scalar_t>(), p, p + n, x.stride(0), params.stride(0), params.stride(0),
+                              out.data_ptr<scalar_t>(), k + n, kept_first ? k : 0,
+                              save_factor ? factor.data_ptr<scalar_t>() : nullptr,
+                              kept.data_ptr<scalar_t>(), kept.stride(0), k, kept_first ? 0 : n};
+    launch_fwd(a, logdet, ld, mode, inverse, rows, n, clamp);
+  });
+  return {out, ld, factor};
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved,
+    const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse, bool kept_first) {
+  check_affine_merge_grads(grad_out, grad_logdet, saved, scale_or_factor);
+  const c10::cuda::CUDAGuard guard(saved.device());
+  const int64_t rows = saved.size(0), n = saved.size(1), k = grad_out.size(1) - n;
+  auto grad_x = at::empty({rows, n}, saved.options());
+  auto grad_params = at::empty({rows, 2 * n}, saved.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "flowkern_affine_coupling_merge_bwd_cuda", [&] {
+    scalar_t* gp = grad_params.data_ptr<scalar_t>();
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + (kept_first ? k : 0), saved.data_ptr<scalar_t>(),
+                              scale_or_factor.data_ptr<scalar_t>(), grad_out.stride(0), saved.stride(0),
+                              scale_or_factor.stride(0), grad_x.data_ptr<scalar_t>(), gp + n, 2 * n, gp, 2 * n};
+    launch_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp, saved.get_device());
+  });
+  return {grad_x, grad_params};
 }
 
 }  // namespace cuda

@@ -17,6 +17,8 @@
 // with g = dL/d(out) and gld = dL/d(logdet) of the element's row.
 #pragma once
 
+#include <cstdint>
+
 #include "common.h"
 
 namespace flowkern {
@@ -102,6 +104,42 @@ FLOWKERN_HD void affine_backward(const T& g, const T& gld, const T& saved, const
   grad_in = g * factor;
   grad_s = INVERSE ? -((g * saved + gld) * dlogm) : (g * saved * factor + gld) * dlogm;
 }
+
+// dL/dt given g = dL/d(out) and grad_in = dL/d(input): g going forward (y = x m + t); going
+// back (x = (y - t) / m) it is -g / m = -grad_in.
+template <bool INVERSE, typename T>
+FLOWKERN_HD T affine_shift_grad(const T& g, const T& grad_in) {
+  return INVERSE ? -grad_in : g;
+}
+
+// Row pointers and row strides (in elements) of the forward's tensors. Every row is contiguous
+// within itself; the rows may sit anywhere (views of wider rows: the halves of a coupling's
+// input, the [shift | raw scale] halves of its conditioner's output). `kept`, when set, is
+// copied into out's row at kept_at, beside the n transformed elements written at moved_at: the
+// merged output of a coupling layer in the same pass.
+template <typename T>
+struct AffineFwdRows {
+  const T *x, *t, *s;
+  int64_t x_rs, t_rs, s_rs;
+  T* out;
+  int64_t out_rs, moved_at;
+  T* factor;  // (rows, n) contiguous, or null
+  const T* kept = nullptr;
+  int64_t kept_rs = 0, k = 0, kept_at = 0;
+};
+
+// The backward's row pointers and strides, as AffineFwdRows. grad_in is (rows, n) contiguous;
+// grad_shift, when set, receives dL/dt (g going forward, -g/m going back) beside grad_s.
+template <typename T>
+struct AffineBwdRows {
+  const T *g, *saved, *s;
+  int64_t g_rs, saved_rs, s_rs;
+  T* grad_in;
+  T* grad_s;
+  int64_t grad_s_rs;
+  T* grad_shift = nullptr;
+  int64_t grad_shift_rs = 0;
+};
 
 }  // namespace math
 }  // namespace flowkern

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import _checks
+from ..ops._autograd import eager_autograd
 from .flow import FlowLayer
 
 
@@ -195,6 +196,28 @@ class Invertible1x1Conv(_LULayer):
         return f"channels={self.channels}"
 
 
+class _PermuteColumns(torch.autograd.Function):
+    """x.index_select(1, perm) whose backward gathers with the inverse permutation. Autograd's own
+    backward of index_select fills a zero tensor and scatter-adds into it: two passes, and a
+    scatter, where a gather does."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse_perm):
+        ctx.inverse_perm = inverse_perm
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(1, ctx.inverse_perm), None, None
+
+
+def permute_columns(x: torch.Tensor, perm: torch.Tensor, inverse_perm: torch.Tensor) -> torch.Tensor:
+    """x.index_select(1, perm), through _PermuteColumns where autograd will run its backward."""
+    if eager_autograd(x):
+        return _PermuteColumns.apply(x, perm, inverse_perm)
+    return x.index_select(1, perm)
+
+
 class Permutation(FlowLayer):
     """Permutes dim 1 (the features of (B, F), or the channels of (B, C, ...)): y[:, i] = x[:, perm[i]].
 
@@ -238,11 +261,11 @@ class Permutation(FlowLayer):
 
     def forward(self, x, context=None, logdet=None):
         self._check("x", x)
-        return x.index_select(1, self.permutation), _zero_logdet(x, logdet)
+        return permute_columns(x, self.permutation, self.inverse_permutation), _zero_logdet(x, logdet)
 
     def inverse(self, z, context=None, logdet=None):
         self._check("z", z)
-        return z.index_select(1, self.inverse_permutation), _zero_logdet(z, logdet)
+        return permute_columns(z, self.inverse_permutation, self.permutation), _zero_logdet(z, logdet)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, kind={self.kind!r}"

@@ -69,6 +69,14 @@ def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def eager_autograd(x: torch.Tensor) -> bool:
+    """Whether eager autograd will differentiate through x here: what a layer's plain
+    autograd.Function (one without setup_context or a vmap rule) needs before it replaces
+    ordinary tensor ops. Under torch.compile and torch.func the ordinary ops stay."""
+    return (torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+            and not under_functorch_or_forward_ad(x))
+
+
 def apply(functions, run: Callable, tensors: tuple, *inputs):
     """Runs an op through Func, Plain or (inference) the bare kernels; returns (out, logdet)."""
     plain, func = functions

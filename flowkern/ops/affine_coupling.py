@@ -13,13 +13,14 @@ torch.compile(fullgraph=True) traces through them.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _ext
 from .._backend import resolve_op
-from ..reference.affine_coupling import SCALES, affine_coupling_ref
+from ..reference.affine_coupling import SCALES, affine_coupling_merge_ref, affine_coupling_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
 from ._vmap import register_row_vmap
@@ -27,11 +28,16 @@ from ._vmap import register_row_vmap
 SCALE_MODES = {name: i for i, name in enumerate(SCALES)}  # the kernels' mode numbers
 
 
-def _kernels(impl: str):
+def _kernels(impl: str, merge: bool = False):
     if impl == "compiled":
-        return torch.ops.flowkern.affine_coupling_fwd, torch.ops.flowkern.affine_coupling_bwd
+        ops = torch.ops.flowkern
+        if merge:
+            return ops.affine_coupling_merge_fwd, ops.affine_coupling_merge_bwd
+        return ops.affine_coupling_fwd, ops.affine_coupling_bwd
     from ..triton import affine_coupling as tk
 
+    if merge:
+        return tk.affine_coupling_merge_fwd, tk.affine_coupling_merge_bwd
     return tk.affine_coupling_fwd, tk.affine_coupling_bwd
 
 
@@ -39,6 +45,14 @@ def _kernels(impl: str):
 # scale: on the CPU, exp/log dominate and the saved factor spares the backward its
 # transcendentals; on a GPU the recompute is free and the extra tensor would cost bandwidth.
 SAVE_FACTOR_ON = {"cpu"}
+
+
+def _save_factor(device: torch.device, scale: str, clamp: float, *tensors) -> bool:
+    """Whether the forward saves the factor for a backward (SAVE_FACTOR_ON). A saved tanh factor
+    exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward takes log(factor):
+    there, recompute from s."""
+    return (device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
+            and (needs_grad(*tensors) or under_functorch_or_forward_ad(*tensors)))
 
 
 def _run(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor):
@@ -98,19 +112,109 @@ def affine_coupling(
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
     x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
     mode, inverse = SCALE_MODES[scale], bool(inverse)
-    # A saved tanh factor exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward
-    # takes log(factor): there, recompute from s.
-    save_factor = (x.device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
-                   and (needs_grad(x, shift, scale_raw) or under_functorch_or_forward_ad(x, shift, scale_raw)))
+    save_factor = _save_factor(x.device, scale, clamp, x, shift, scale_raw)
     out, ld = apply(_FUNCTIONS, _run, (x, shift, scale_raw, logdet),
                     x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor)
     return out.to(dtype), ld
+
+
+def _run_merge(kept, x, params, logdet, mode, clamp, inverse, impl, save_factor, kept_first):
+    return _kernels(impl, merge=True)[0](kept, x, params, mode, clamp, inverse, logdet, save_factor, kept_first)
+
+
+def _save_merge(ctx, inputs, outputs):
+    kept, x, params, logdet, mode, clamp, inverse, impl, save_factor, kept_first = inputs
+    out, _, factor = outputs
+    n = x.shape[1]
+    # The backward needs x: the input going forward, the transformed part of the output going back.
+    moved_out = out[:, out.shape[1] - n:] if kept_first else out[:, :n]
+    ctx.save_for_backward(moved_out if inverse else x, factor if save_factor else params[:, n:])
+    ctx.config = (save_factor, mode, clamp, inverse, impl, kept_first, kept.shape[1])
+    ctx.has_logdet = logdet is not None
+
+
+def _backward_merge(ctx, grad_out, grad_logdet):
+    saved, scale_or_factor = ctx.saved_tensors
+    is_factor, mode, clamp, inverse, impl, kept_first, k = ctx.config
+    # The kernel takes grad_out at any row stride; zeros for an unused output.
+    grad_out = saved.new_zeros((saved.shape[0], k + saved.shape[1])) if grad_out is None else _rows(grad_out)
+    grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
+    grad_x, grad_params = _kernels(impl, merge=True)[1](grad_out, grad_logdet, saved, scale_or_factor, is_factor,
+                                                         mode, clamp, inverse, kept_first)
+    # kept passes through unchanged: its gradient is grad_out's kept columns, a view.
+    grad_kept = grad_out[:, :k] if kept_first else grad_out[:, grad_out.shape[1] - k:]
+    return (grad_kept, grad_x, grad_params, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None,
+            None)
+
+
+_MERGE_FUNCTIONS = kernel_functions("AffineCouplingMergeFunction", _run_merge, _save_merge, _backward_merge)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (B, N) with contiguous rows (a view when t's layout allows, as for a slice of dim 1
+    of a contiguous tensor), which the merge kernels take at any row stride."""
+    t = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def affine_coupling_merge(
+    kept: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    kept_first: bool = True,
+    scale: str = "exp",
+    clamp: float = 2.0,
+    inverse: bool = False,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A coupling layer's transform and merge in one fused pass.
+
+    x (B, C, ...) is transformed by params (B, 2C, ...) = [shift | raw scale] along dim 1 (a
+    conditioner's output as it comes: no split, no copies) and concatenated along dim 1 with
+    kept (B, K, ...), which passes through unchanged: out = cat([kept, y]) (kept_first) or
+    cat([y, kept]). kept, x and params may be views (e.g. the two halves of a row). Returns
+    (out (B, K + C, ...), logdet (B,)) with affine_coupling's scale, clamp, inverse and logdet
+    semantics. The backward writes the gradients of shift and raw scale into one (B, 2C, ...)
+    tensor and hands kept the matching columns of the incoming gradient as a view.
+    """
+    _checks.tensor("x", x)
+    _checks.tensor("kept", kept)
+    _checks.tensor("params", params)
+    for name, t in (("kept", kept), ("params", params)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x.dim() < 2 or kept.dim() != x.dim() or kept.shape[0] != x.shape[0] or kept.shape[2:] != x.shape[2:]:
+        raise ValueError(f"kept must have x's shape {tuple(x.shape)} except in dim 1, got {tuple(kept.shape)}")
+    if params.shape != (x.shape[0], 2 * x.shape[1], *x.shape[2:]):
+        raise ValueError(f"params must have shape {(x.shape[0], 2 * x.shape[1], *x.shape[2:])} ([shift | raw scale] "
+                         f"along dim 1), got {tuple(params.shape)}")
+    _checks.choice("scale", scale, SCALES)
+    clamp = _checks.positive("clamp", clamp)
+    logdet = _checks.running_logdet(logdet, x)
+    kept_first, inverse = bool(kept_first), bool(inverse)
+    impl = resolve_op(x.device, x.dtype, "affine_coupling_merge_fwd")
+    if impl == "reference":
+        return affine_coupling_merge_ref(kept, x, params, kept_first=kept_first, scale=scale, clamp=clamp,
+                                         inverse=inverse, logdet=logdet)
+    dtype, shape = x.dtype, (x.shape[0], kept.shape[1] + x.shape[1], *x.shape[2:])
+    if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        kept, x, params = kept.float(), x.float(), params.float()  # as affine_coupling
+    kept, x, params = _rows(kept), _rows(x), _rows(params)
+    save_factor = _save_factor(x.device, scale, clamp, kept, x, params)
+    out, ld = apply(_MERGE_FUNCTIONS, _run_merge, (kept, x, params, logdet),
+                    kept, x, params, logdet, SCALE_MODES[scale], clamp, inverse, impl, save_factor, kept_first)
+    return out.view(shape).to(dtype), ld
 
 
 # Positions of the tensor arguments of the fwd / bwd kernel ops (both the compiled and the
 # Triton ones share these schemas), for their vmap rules.
 FWD_TENSOR_ARGS = (0, 1, 2, 6)
 BWD_TENSOR_ARGS = (0, 1, 2, 3)
+MERGE_FWD_TENSOR_ARGS = (0, 1, 2, 6)
+MERGE_BWD_TENSOR_ARGS = (0, 1, 2, 3)
 
 
 def _register_fakes() -> None:
@@ -127,6 +231,21 @@ def _register_fakes() -> None:
     @torch.library.register_fake("flowkern::affine_coupling_bwd")
     def _bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse):
         return torch.empty_like(saved), torch.empty_like(saved)
+
+    if not _ext.has_op("affine_coupling_merge_fwd"):
+        return
+    register_row_vmap("flowkern::affine_coupling_merge_fwd", MERGE_FWD_TENSOR_ARGS)
+    register_row_vmap("flowkern::affine_coupling_merge_bwd", MERGE_BWD_TENSOR_ARGS)
+
+    @torch.library.register_fake("flowkern::affine_coupling_merge_fwd")
+    def _merge_fwd_fake(kept, x, params, mode, clamp, inverse, logdet, save_factor, kept_first):
+        factor = x.new_empty(x.shape) if save_factor else x.new_empty((0,))
+        out = x.new_empty((x.shape[0], kept.shape[1] + x.shape[1]))
+        return out, x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype)), factor
+
+    @torch.library.register_fake("flowkern::affine_coupling_merge_bwd")
+    def _merge_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse, kept_first):
+        return saved.new_empty(saved.shape), saved.new_empty((saved.shape[0], 2 * saved.shape[1]))
 
 
 _register_fakes()

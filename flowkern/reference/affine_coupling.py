@@ -66,3 +66,22 @@ def affine_coupling_ref(
     if logdet is not None:
         ld = logdet + ld
     return out, ld
+
+
+def affine_coupling_merge_ref(
+    kept: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    kept_first: bool = True,
+    scale: str = "exp",
+    clamp: float = 2.0,
+    inverse: bool = False,
+    logdet: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A coupling layer's transform and merge: x transformed by params = [shift | raw scale]
+    (split in two along dim 1), concatenated with kept along dim 1 (kept first or last).
+    Same result as flowkern.ops.affine_coupling_merge."""
+    shift, scale_raw = params.chunk(2, dim=1)
+    out, ld = affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=inverse, logdet=logdet)
+    return torch.cat([kept, out] if kept_first else [out, kept], dim=1), ld

@@ -37,7 +37,7 @@ from ..ops._vmap import register_row_vmap
 from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
 from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
 
-__all__ = ["affine_coupling_fwd", "affine_coupling_bwd"]
+__all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_fwd", "affine_coupling_merge_bwd"]
 
 MODE_EXP = 0
 MODE_SIGMOID = 1
@@ -119,35 +119,44 @@ def _terms_from_factor(f, clamp, MODE: tl.constexpr, INVERSE: tl.constexpr):
 
 @triton.jit
 def _affine_coupling_fwd_kernel(
-    x_ptr,  # (B, N) contiguous input; row stride is N
-    shift_ptr,  # (B, N) t, same layout as x
-    scale_ptr,  # (B, N) raw scale s, same layout as x
-    out_ptr,  # (B, N) output, x's dtype
-    factor_out_ptr,  # (B, N) saved factor (m, or 1/m going back); a dummy unless SAVE_FACTOR
+    x_ptr,  # (B, N) input rows, row stride x_rs
+    shift_ptr,  # (B, N) t, row stride t_rs
+    scale_ptr,  # (B, N) raw scale s, row stride s_rs
+    out_ptr,  # output rows (row stride out_rs), the transformed part at column moved_at
+    factor_out_ptr,  # (B, N) contiguous saved factor (m, or 1/m going back); a dummy unless SAVE_FACTOR
     logdet_in_ptr,  # (B,) incoming log-det; a dummy never read when HAS_LOGDET is False
     logdet_out_ptr,  # (B,) fresh log-det output (fp32, or fp64 for fp64 inputs)
-    N,  # elements per row, which is also the row stride of the contiguous (B, N) view
+    kept_ptr,  # (B, K) rows copied into out at column kept_at when HAS_KEPT (the merge); else a dummy
+    N,  # elements per row
+    x_rs, t_rs, s_rs, out_rs, moved_at,
+    K, kept_rs, kept_at,
     clamp,  # runtime float so that changing it does not trigger a recompile
     MODE: tl.constexpr,
     INVERSE: tl.constexpr,
     HAS_LOGDET: tl.constexpr,
     SAVE_FACTOR: tl.constexpr,
+    HAS_KEPT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # int64 before the multiply: B * N may exceed 2^31 even when N alone does not.
+    # int64 before the multiplies: B * N may exceed 2^31 even when N alone does not.
     row = tl.program_id(0).to(tl.int64)
-    row_start = row * N
     cols = tl.arange(0, BLOCK)
+    out_row = out_ptr + row * out_rs
+    if HAS_KEPT:
+        for start in range(0, K, BLOCK):
+            offs = start + cols
+            mask = offs < K
+            v = tl.load(kept_ptr + row * kept_rs + offs, mask=mask, other=0.0)
+            tl.store(out_row + kept_at + offs, v, mask=mask)
     # Per-lane partial sums, reduced once at the end: a fixed summation order per BLOCK,
     # so the result does not depend on scheduling.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, N, BLOCK):
         offs = start + cols
         mask = offs < N
-        idx = row_start + offs
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        t = tl.load(shift_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_rs + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(shift_ptr + row * t_rs + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + row * s_rs + offs, mask=mask, other=0.0).to(tl.float32)
         logm, m, inv_m, _dlogm = _scale_terms(s, clamp, MODE)
         if INVERSE:
             y = (x - t) * inv_m
@@ -155,9 +164,9 @@ def _affine_coupling_fwd_kernel(
         else:
             y = x * m + t
             factor = m
-        tl.store(out_ptr + idx, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + moved_at + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
         if SAVE_FACTOR:
-            tl.store(factor_out_ptr + idx, factor.to(factor_out_ptr.dtype.element_ty), mask=mask)
+            tl.store(factor_out_ptr + row * N + offs, factor.to(factor_out_ptr.dtype.element_ty), mask=mask)
         # Masked lanes hold log m of s = 0, which is not 0 for sigmoid/tanh modes.
         acc += tl.where(mask, logm, 0.0)
     ld = tl.sum(acc, axis=0)
@@ -172,23 +181,25 @@ def _affine_coupling_fwd_kernel(
 
 @triton.jit
 def _affine_coupling_bwd_kernel(
-    grad_out_ptr,  # (B, N) dL/d(out), contiguous; row stride is N
+    grad_out_ptr,  # (B, N) dL/d(out), row stride g_rs
     grad_logdet_ptr,  # (B,) dL/d(logdet); a dummy never read when HAS_GRAD_LOGDET is False
-    saved_ptr,  # (B, N) forward input x (forward) or inverse output (inverse)
-    scale_ptr,  # (B, N) raw scale s, or the forward's saved factor when FROM_FACTOR
-    grad_in_ptr,  # (B, N) dL/d(input), saved's dtype
-    grad_scale_ptr,  # (B, N) dL/ds, saved's dtype
-    N,  # elements per row, which is also the row stride of the contiguous (B, N) view
+    saved_ptr,  # (B, N) forward input x (forward) or inverse output (inverse), row stride saved_rs
+    scale_ptr,  # (B, N) raw scale s, or the forward's saved factor when FROM_FACTOR; row stride s_rs
+    grad_in_ptr,  # (B, N) contiguous dL/d(input), saved's dtype
+    grad_scale_ptr,  # (B, N) dL/ds, row stride gs_rs
+    grad_shift_ptr,  # (B, N) dL/dt (g, or -g/m going back), row stride gt_rs, when HAS_GRAD_SHIFT
+    N,  # elements per row
+    g_rs, saved_rs, s_rs, gs_rs, gt_rs,
     clamp,  # runtime float so that changing it does not trigger a recompile
     MODE: tl.constexpr,
     INVERSE: tl.constexpr,
     HAS_GRAD_LOGDET: tl.constexpr,
     FROM_FACTOR: tl.constexpr,
+    HAS_GRAD_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # int64 before the multiply: B * N may exceed 2^31 even when N alone does not.
+    # int64 before the multiplies: B * N may exceed 2^31 even when N alone does not.
     row = tl.program_id(0).to(tl.int64)
-    row_start = row * N
     cols = tl.arange(0, BLOCK)
     # Every element of a row feeds the same log-det, so its gradient is one scalar per row.
     if HAS_GRAD_LOGDET:
@@ -198,10 +209,9 @@ def _affine_coupling_bwd_kernel(
     for start in range(0, N, BLOCK):
         offs = start + cols
         mask = offs < N
-        idx = row_start + offs
-        g = tl.load(grad_out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(saved_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(scale_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_out_ptr + row * g_rs + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(saved_ptr + row * saved_rs + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + row * s_rs + offs, mask=mask, other=0.0).to(tl.float32)
         if FROM_FACTOR:
             m, inv_m, dlogm = _terms_from_factor(s, clamp, MODE, INVERSE)
         else:
@@ -210,11 +220,15 @@ def _affine_coupling_bwd_kernel(
             # d(out)/d(log m) = -out, and out is exactly what was saved.
             gi = g * inv_m
             gs = -(g * v + gld) * dlogm
+            gt = -gi
         else:
             gi = g * m
             gs = (g * v * m + gld) * dlogm
-        tl.store(grad_in_ptr + idx, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_scale_ptr + idx, gs.to(grad_scale_ptr.dtype.element_ty), mask=mask)
+            gt = g
+        tl.store(grad_in_ptr + row * N + offs, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_scale_ptr + row * gs_rs + offs, gs.to(grad_scale_ptr.dtype.element_ty), mask=mask)
+        if HAS_GRAD_SHIFT:
+            tl.store(grad_shift_ptr + row * gt_rs + offs, gt.to(grad_shift_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_for(cols: int) -> Tuple[int, int]:
@@ -259,12 +273,16 @@ def _affine_coupling_fwd_op(
         factor if save_factor else out,
         logdet if logdet is not None else logdet_out,
         logdet_out,
+        x,
         cols,
+        cols, cols, cols, cols, 0,
+        0, 0, 0,
         float(clamp),
         MODE=int(mode),
         INVERSE=bool(inverse),
         HAS_LOGDET=logdet is not None,
         SAVE_FACTOR=bool(save_factor),
+        HAS_KEPT=False,
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -295,16 +313,104 @@ def _affine_coupling_bwd_op(
         scale_or_factor,
         grad_in,
         grad_scale,
+        grad_scale,
         cols,
+        cols, cols, cols, cols, 0,
         float(clamp),
         MODE=int(mode),
         INVERSE=bool(inverse),
         HAS_GRAD_LOGDET=grad_logdet is not None,
         FROM_FACTOR=bool(is_factor),
+        HAS_GRAD_SHIFT=False,
         BLOCK=block,
         num_warps=num_warps,
     )
     return grad_in, grad_scale
+
+
+@triton_op("flowkern::affine_coupling_merge_fwd_triton", mutates_args=())
+def _affine_coupling_merge_fwd_op(
+    kept: Tensor,
+    x: Tensor,
+    params: Tensor,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+    logdet: Optional[Tensor],
+    save_factor: bool,
+    kept_first: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    rows, n = x.shape
+    k = kept.shape[1]
+    out = x.new_empty((rows, k + n))
+    factor = x.new_empty((rows, n)) if save_factor else x.new_empty((0,))
+    logdet_out = torch.empty((rows,), dtype=logdet_dtype(x.dtype), device=x.device)
+    if rows == 0:
+        return out, logdet_out, factor
+    block, num_warps = _block_for(max(n, k))
+    wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
+        x,
+        params,
+        params[:, n:],
+        out,
+        factor if save_factor else out,
+        logdet if logdet is not None else logdet_out,
+        logdet_out,
+        kept,
+        n,
+        x.stride(0), params.stride(0), params.stride(0), k + n, k if kept_first else 0,
+        k, kept.stride(0), 0 if kept_first else n,
+        float(clamp),
+        MODE=int(mode),
+        INVERSE=bool(inverse),
+        HAS_LOGDET=logdet is not None,
+        SAVE_FACTOR=bool(save_factor),
+        HAS_KEPT=True,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return out, logdet_out, factor
+
+
+@triton_op("flowkern::affine_coupling_merge_bwd_triton", mutates_args=())
+def _affine_coupling_merge_bwd_op(
+    grad_out: Tensor,
+    grad_logdet: Optional[Tensor],
+    saved: Tensor,
+    scale_or_factor: Tensor,
+    is_factor: bool,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+    kept_first: bool,
+) -> Tuple[Tensor, Tensor]:
+    rows, n = saved.shape
+    k = grad_out.shape[1] - n
+    grad_x = saved.new_empty((rows, n))
+    grad_params = saved.new_empty((rows, 2 * n))
+    if rows == 0 or n == 0:
+        return grad_x, grad_params
+    block, num_warps = _block_for(n)
+    wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
+        grad_out[:, k:] if kept_first else grad_out,
+        grad_logdet if grad_logdet is not None else grad_out,
+        saved,
+        scale_or_factor,
+        grad_x,
+        grad_params[:, n:],
+        grad_params,
+        n,
+        grad_out.stride(0), saved.stride(0), scale_or_factor.stride(0), 2 * n, 2 * n,
+        float(clamp),
+        MODE=int(mode),
+        INVERSE=bool(inverse),
+        HAS_GRAD_LOGDET=grad_logdet is not None,
+        FROM_FACTOR=bool(is_factor),
+        HAS_GRAD_SHIFT=True,
+        BLOCK=block,
+        num_warps=num_warps,
+    )
+    return grad_x, grad_params
 
 
 # Shape-only fakes, needed only when the kernels are interpreted (see _common).
@@ -317,8 +423,21 @@ def _affine_coupling_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_
     return torch.empty_like(saved), torch.empty_like(saved)
 
 
-register_interpreter_fakes(_affine_coupling_fwd_kernel, [(_affine_coupling_fwd_op, _affine_coupling_fwd_fake),
-                                                         (_affine_coupling_bwd_op, _affine_coupling_bwd_fake)])
+def _affine_coupling_merge_fwd_fake(kept, x, params, mode, clamp, inverse, logdet, save_factor, kept_first):
+    factor = x.new_empty(x.shape) if save_factor else x.new_empty((0,))
+    return (x.new_empty((x.shape[0], kept.shape[1] + x.shape[1])),
+            x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype)), factor)
+
+
+def _affine_coupling_merge_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse,
+                                    kept_first):
+    return saved.new_empty(saved.shape), saved.new_empty((saved.shape[0], 2 * saved.shape[1]))
+
+
+register_interpreter_fakes(_affine_coupling_fwd_kernel, [
+    (_affine_coupling_fwd_op, _affine_coupling_fwd_fake), (_affine_coupling_bwd_op, _affine_coupling_bwd_fake),
+    (_affine_coupling_merge_fwd_op, _affine_coupling_merge_fwd_fake),
+    (_affine_coupling_merge_bwd_op, _affine_coupling_merge_bwd_fake)])
 
 register_row_vmap("flowkern::affine_coupling_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::affine_coupling_bwd_triton", BWD_TENSOR_ARGS)
@@ -355,3 +474,19 @@ def affine_coupling_bwd(
     return torch.ops.flowkern.affine_coupling_bwd_triton(
         grad_out, grad_logdet, saved, scale_or_factor, bool(is_factor), int(mode), float(clamp), bool(inverse)
     )
+
+
+def affine_coupling_merge_fwd(kept: Tensor, x: Tensor, params: Tensor, mode: int, clamp: float, inverse: bool,
+                              logdet: Optional[Tensor], save_factor: bool, kept_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The coupling layer's transform and merge: (out (B, k + n), logdet, factor)."""
+    return torch.ops.flowkern.affine_coupling_merge_fwd_triton(
+        kept, x, params, int(mode), float(clamp), bool(inverse), logdet, bool(save_factor), bool(kept_first))
+
+
+def affine_coupling_merge_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], saved: Tensor, scale_or_factor: Tensor,
+                              is_factor: bool, mode: int, clamp: float, inverse: bool,
+                              kept_first: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (grad_x (B, n), grad_params (B, 2n) = [grad shift | grad raw scale])."""
+    return torch.ops.flowkern.affine_coupling_merge_bwd_triton(
+        grad_out, grad_logdet, saved, scale_or_factor, bool(is_factor), int(mode), float(clamp), bool(inverse),
+        bool(kept_first))
