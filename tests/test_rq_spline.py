@@ -388,16 +388,17 @@ def test_new_spline_coupling_is_identity(bins, context):
         y, ld = direction(x, ctx)
         torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
         torch.testing.assert_close(ld, torch.zeros(6), rtol=0, atol=1e-5)
-    bias = layer.conditioner[-1].bias.view(3 * bins - 1, -1)
-    assert (bias[:2 * bins] == 0).all() and torch.allclose(bias[2 * bins:], torch.tensor(identity_derivative_raw()))
+    bias = layer.conditioner[-1].bias.view(-1, 3 * bins - 1)  # (transformed, P)
+    assert (bias[:, :2 * bins] == 0).all() and torch.allclose(bias[:, 2 * bins:], torch.tensor(identity_derivative_raw()))
 
 
 def test_spline_coupling_params_layout():
-    """The conditioner's (B, P * T) output is read as (B, P, T): parameter p of transformed feature t."""
+    """The conditioner's (B, T * P) output is read as (B, T, P), as nflows reads it: parameter p of
+    transformed feature t is output t * P + p."""
     layer = perturb_(SplineCoupling(5, hidden=8, bins=3, mask="half")).double()
     x = torch.randn(4, 5, dtype=torch.float64) * 2
     kept, moved = x[:, :2], x[:, 2:]
-    params = layer.conditioner(kept).view(4, 8, 3).permute(0, 2, 1)
+    params = layer.conditioner(kept).view(4, 3, 8)
     y_moved, ld = rq_spline_ref(moved, params, bins=3, bound=3.0)
     y, ld_layer = layer(x)
     # float64 to rounding: the layer's op may run a fused kernel rather than the reference

@@ -153,6 +153,13 @@ class _Coupling(FlowLayer):
         self.conditioner = net(len(kept) + context, hidden, params_per_feature * len(moved))
 
     def _split(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        """(kept, moved, params): params is the conditioner's output viewed as
+        (B, params_per_feature, transformed, *spatial)."""
+        kept, moved, out = self._split_raw(x, context)
+        return kept, moved, out.view(x.shape[0], self.params_per_feature, len(self.moved_idx), *x.shape[2:])
+
+    def _split_raw(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        """(kept, moved, the conditioner's output as it comes)."""
         self.check_input(x)
         kept, moved = self._take(x)
         h = kept
@@ -166,8 +173,7 @@ class _Coupling(FlowLayer):
             if self.IMAGES:  # a per-sample vector, broadcast over the image as extra channels
                 c = c[:, :, None, None].expand(-1, -1, *x.shape[2:])
             h = torch.cat([kept, c], dim=1)
-        params = self.conditioner(h).view(x.shape[0], self.params_per_feature, len(self.moved_idx), *x.shape[2:])
-        return kept, moved, params
+        return kept, moved, self.conditioner(h)
 
     def _take(self, x: torch.Tensor):
         """(kept, moved) parts of x along dim 1, as views where the mask's layout allows."""
@@ -248,8 +254,8 @@ class AffineCoupling(_Coupling):
         kind, kept_first = self._layout
         if kind == "blocks":
             # The fused layer op: the conditioner's output as it comes, the merge in the kernel.
-            kept, moved, params = self._split(x, context)
-            return ops.affine_coupling_merge(kept, moved, params.flatten(1, 2), kept_first=kept_first,
+            kept, moved, params = self._split_raw(x, context)
+            return ops.affine_coupling_merge(kept, moved, params, kept_first=kept_first,
                                              scale=self.scale, clamp=self.clamp, inverse=inverse, logdet=logdet)
         kept, moved, params = self._split(x, context)
         shift, scale_raw = params.unbind(1)

@@ -31,16 +31,19 @@ class SplineCoupling(_Coupling):
         bins, bound = check_bins(bins), check_bound(bound)
         super().__init__(features, hidden, params_per_element(bins), mask, flip, context)
         self.bins, self.bound = bins, bound
+        # The conditioner's output is read feature-major, (B, transformed, P) as nflows reads it:
+        # each feature's P numbers are adjacent, the layout the spline kernels take, so the
+        # output needs no transposed copy going forward and its gradient none going back.
         # With zero weights the widths and heights are uniform (equal knots in x and y, slope 1);
         # start the derivatives at 1 too, so a new layer is the identity.
         with torch.no_grad():
-            bias = self.conditioner[-1].bias.view(self.params_per_feature, -1)  # (P, transformed)
-            bias[2 * bins:].fill_(identity_derivative_raw(MIN_DERIVATIVE))
+            bias = self.conditioner[-1].bias.view(-1, self.params_per_feature)  # (transformed, P)
+            bias[:, 2 * bins:].fill_(identity_derivative_raw(MIN_DERIVATIVE))
 
     def _transform(self, x, context, logdet, inverse):
-        kept, moved, params = self._split(x, context)  # params (B, P, transformed)
-        moved, logdet = rq_spline(moved, params.movedim(1, -1), bins=self.bins, bound=self.bound,
-                                  inverse=inverse, logdet=logdet)
+        kept, moved, out = self._split_raw(x, context)
+        params = out.view(*moved.shape, self.params_per_feature)  # (B, transformed, P)
+        moved, logdet = rq_spline(moved, params, bins=self.bins, bound=self.bound, inverse=inverse, logdet=logdet)
         return self._merge(kept, moved), logdet
 
     def extra_repr(self) -> str:
