@@ -238,6 +238,44 @@ def _block_for(cols: int) -> Tuple[int, int]:
     return block, num_warps
 
 
+def _launch_fwd(x, shift, scale_raw, out, factor, logdet, logdet_out, *, rows, n, strides, moved_at, mode, clamp,
+                inverse, kept=None, kept_rs=0, k=0, kept_at=0):
+    """The forward kernel over `rows` rows of n elements; strides = the row strides of (x, shift,
+    scale_raw, out). factor: the saved factor's buffer, or None; kept: rows copied into out at
+    kept_at (the merge), or None."""
+    block, num_warps = _block_for(max(n, k))
+    x_rs, t_rs, s_rs, out_rs = strides
+    wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
+        x, shift, scale_raw, out,
+        factor if factor is not None else out,
+        logdet if logdet is not None else logdet_out,
+        logdet_out,
+        kept if kept is not None else x,
+        n, x_rs, t_rs, s_rs, out_rs, moved_at, k, kept_rs, kept_at,
+        float(clamp),
+        MODE=int(mode), INVERSE=bool(inverse), HAS_LOGDET=logdet is not None, SAVE_FACTOR=factor is not None,
+        HAS_KEPT=kept is not None, BLOCK=block, num_warps=num_warps,
+    )
+
+
+def _launch_bwd(grad_out, grad_logdet, saved, scale_or_factor, grad_in, grad_scale, *, rows, n, strides, mode, clamp,
+                inverse, is_factor, grad_shift=None, grad_shift_rs=0):
+    """The backward kernel; strides = the row strides of (grad_out, saved, scale_or_factor,
+    grad_scale); grad_in is contiguous; grad_shift, when given, receives dL/dt."""
+    block, num_warps = _block_for(n)
+    g_rs, saved_rs, s_rs, gs_rs = strides
+    wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
+        grad_out,
+        grad_logdet if grad_logdet is not None else grad_out,
+        saved, scale_or_factor, grad_in, grad_scale,
+        grad_shift if grad_shift is not None else grad_scale,
+        n, g_rs, saved_rs, s_rs, gs_rs, grad_shift_rs,
+        float(clamp),
+        MODE=int(mode), INVERSE=bool(inverse), HAS_GRAD_LOGDET=grad_logdet is not None,
+        FROM_FACTOR=bool(is_factor), HAS_GRAD_SHIFT=grad_shift is not None, BLOCK=block, num_warps=num_warps,
+    )
+
+
 @triton_op("flowkern::affine_coupling_fwd_triton", mutates_args=())
 def _affine_coupling_fwd_op(
     x: Tensor,
@@ -264,28 +302,8 @@ def _affine_coupling_fwd_op(
         else:
             logdet_out.copy_(logdet)
         return out, logdet_out, factor
-    block, num_warps = _block_for(cols)
-    wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
-        x,
-        shift,
-        scale_raw,
-        out,
-        factor if save_factor else out,
-        logdet if logdet is not None else logdet_out,
-        logdet_out,
-        x,
-        cols,
-        cols, cols, cols, cols, 0,
-        0, 0, 0,
-        float(clamp),
-        MODE=int(mode),
-        INVERSE=bool(inverse),
-        HAS_LOGDET=logdet is not None,
-        SAVE_FACTOR=bool(save_factor),
-        HAS_KEPT=False,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    _launch_fwd(x, shift, scale_raw, out, factor if save_factor else None, logdet, logdet_out, rows=rows, n=cols,
+                strides=(cols,) * 4, moved_at=0, mode=mode, clamp=clamp, inverse=inverse)
     return out, logdet_out, factor
 
 
@@ -305,26 +323,8 @@ def _affine_coupling_bwd_op(
     grad_scale = torch.empty_like(saved)
     if rows == 0 or cols == 0:
         return grad_in, grad_scale
-    block, num_warps = _block_for(cols)
-    wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
-        grad_out,
-        grad_logdet if grad_logdet is not None else grad_out,
-        saved,
-        scale_or_factor,
-        grad_in,
-        grad_scale,
-        grad_scale,
-        cols,
-        cols, cols, cols, cols, 0,
-        float(clamp),
-        MODE=int(mode),
-        INVERSE=bool(inverse),
-        HAS_GRAD_LOGDET=grad_logdet is not None,
-        FROM_FACTOR=bool(is_factor),
-        HAS_GRAD_SHIFT=False,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    _launch_bwd(grad_out, grad_logdet, saved, scale_or_factor, grad_in, grad_scale, rows=rows, n=cols,
+                strides=(cols,) * 4, mode=mode, clamp=clamp, inverse=inverse, is_factor=is_factor)
     return grad_in, grad_scale
 
 
@@ -347,28 +347,17 @@ def _affine_coupling_merge_fwd_op(
     logdet_out = torch.empty((rows,), dtype=logdet_dtype(x.dtype), device=x.device)
     if rows == 0:
         return out, logdet_out, factor
-    block, num_warps = _block_for(max(n, k))
-    wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
-        x,
-        params,
-        params[:, n:],
-        out,
-        factor if save_factor else out,
-        logdet if logdet is not None else logdet_out,
-        logdet_out,
-        kept,
-        n,
-        x.stride(0), params.stride(0), params.stride(0), k + n, k if kept_first else 0,
-        k, kept.stride(0), 0 if kept_first else n,
-        float(clamp),
-        MODE=int(mode),
-        INVERSE=bool(inverse),
-        HAS_LOGDET=logdet is not None,
-        SAVE_FACTOR=bool(save_factor),
-        HAS_KEPT=True,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    if n == 0:  # nothing to transform: out is kept, the log-det the incoming one
+        out.copy_(kept)
+        if logdet is None:
+            logdet_out.zero_()
+        else:
+            logdet_out.copy_(logdet)
+        return out, logdet_out, factor
+    _launch_fwd(x, params, params[:, n:], out, factor if save_factor else None, logdet, logdet_out, rows=rows, n=n,
+                strides=(x.stride(0), params.stride(0), params.stride(0), k + n), moved_at=k if kept_first else 0,
+                mode=mode, clamp=clamp, inverse=inverse, kept=kept, kept_rs=kept.stride(0), k=k,
+                kept_at=0 if kept_first else n)
     return out, logdet_out, factor
 
 
@@ -390,26 +379,10 @@ def _affine_coupling_merge_bwd_op(
     grad_params = saved.new_empty((rows, 2 * n))
     if rows == 0 or n == 0:
         return grad_x, grad_params
-    block, num_warps = _block_for(n)
-    wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
-        grad_out[:, k:] if kept_first else grad_out,
-        grad_logdet if grad_logdet is not None else grad_out,
-        saved,
-        scale_or_factor,
-        grad_x,
-        grad_params[:, n:],
-        grad_params,
-        n,
-        grad_out.stride(0), saved.stride(0), scale_or_factor.stride(0), 2 * n, 2 * n,
-        float(clamp),
-        MODE=int(mode),
-        INVERSE=bool(inverse),
-        HAS_GRAD_LOGDET=grad_logdet is not None,
-        FROM_FACTOR=bool(is_factor),
-        HAS_GRAD_SHIFT=True,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    _launch_bwd(grad_out[:, k:] if kept_first else grad_out, grad_logdet, saved, scale_or_factor, grad_x,
+                grad_params[:, n:], rows=rows, n=n,
+                strides=(grad_out.stride(0), saved.stride(0), scale_or_factor.stride(0), 2 * n), mode=mode,
+                clamp=clamp, inverse=inverse, is_factor=is_factor, grad_shift=grad_params, grad_shift_rs=2 * n)
     return grad_x, grad_params
 
 
