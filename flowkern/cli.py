@@ -106,7 +106,7 @@ def _system_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .train import COUPLINGS, MODEL_KINDS, NORMS, SCALES, SCHEDULES, TRAIN_DEFAULTS as D
+    from .train import COUPLINGS, DEQUANTIZE, MODEL_KINDS, NORMS, SCALES, SCHEDULES, TRAIN_DEFAULTS as D
 
     parser = argparse.ArgumentParser(
         prog="flowkern", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logit squeeze of the dequantized pixels")
     g.add_argument("--bins", metavar="N", type=_int(1), default=D["bins"], help="spline bins")
     g.add_argument("--bound", metavar="B", type=_pos_float, default=D["bound"], help="spline tail bound")
+    g.add_argument("--dequantize", choices=DEQUANTIZE, default=D["dequantize"],
+                   help="noise added to the 8-bit pixels: uniform (Theis et al.), variational (a learned q(u|x), "
+                        "Flow++), or none (raw pixels: shows why the data must be dequantized)")
     g = t.add_argument_group("training")
     g.add_argument("--out", metavar="DIR", help="the run folder (required)")
     length = g.add_mutually_exclusive_group()
@@ -166,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at", type=_int(1), metavar="STEP",
                    help="stop (with a checkpoint) after this step, as if interrupted; the schedule still "
                         "runs to --steps/--epochs")
+    g.add_argument("--time-limit", type=_pos_float, metavar="MINUTES",
+                   help="stop after the step that passes this much training time (this invocation; the "
+                        "learning-rate schedule still spans --steps/--epochs)")
     g = t.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", metavar="STEPS", type=_int(0), default=D["eval_every"],
                    help="held-out bits/dim every N steps, besides every epoch (0: epochs only)")
@@ -208,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="SPEC", help="the data (default: what the model trained on)")
     _data_args(e)
     e.add_argument("--split", choices=("test", "train"), default="test", help="which split to score")
+    e.add_argument("--samples", metavar="K", type=_int(1), default=1,
+                   help="also estimate log P(x) with K dequantization draws per image (importance-weighted)")
     e.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     _system_args(e)
     e.set_defaults(func=_cmd_eval)
@@ -244,7 +252,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------- commands
 
 # Options that belong to one invocation, never inherited from a resumed run's config.
-_PER_INVOCATION = ("resume", "overwrite", "stop_at", "quiet", "download")
+_PER_INVOCATION = ("resume", "overwrite", "stop_at", "time_limit", "quiet", "download")
 
 
 def _explicit(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set:
@@ -311,9 +319,12 @@ def _cmd_eval(args, parser, argv) -> int:
 
     r = evaluate(args.checkpoint, data=args.data, root=args.root, holdout=args.holdout, split=args.split,
                  limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                 backend=args.backend, download=args.download)
+                 backend=args.backend, download=args.download, samples=args.samples)
     err = f" +- {r['bpd_std_error']:.4f}" if r["bpd_std_error"] is not None else ""
     print(f"{r['split']} bits/dim: {r['bpd']:.4f}{err} (standard error) on {r['images']} images of {r['description']}")
+    if "bpd_iw" in r:
+        err = f" +- {r['bpd_iw_std_error']:.4f}" if r["bpd_iw_std_error"] is not None else ""
+        print(f"{r['split']} bits/dim, {r['samples']}-sample importance-weighted estimate: {r['bpd_iw']:.4f}{err}")
     if r["non_finite"]:
         print(f"warning: {r['non_finite']} images had non-finite bits/dim (left out of the mean)")
     if args.json:

@@ -74,15 +74,22 @@ _RANK_SEED = 7_919
 MODEL_OPTIONS = ("model", "coupling", "layers", "hidden", "norm", "levels", "scale", "alpha", "bins", "bound")
 TRAIN_DEFAULTS: Dict[str, object] = {
     "model": "realnvp", "coupling": "affine", "layers": 8, "hidden": 512, "norm": "actnorm", "levels": 2,
-    "scale": "sigmoid", "alpha": 1e-6, "bins": 8, "bound": 3.0,
+    "scale": "sigmoid", "alpha": 1e-6, "bins": 8, "bound": 3.0, "dequantize": "uniform",
     "data": "mnist", "root": "data", "download": False, "holdout": None,
     "out": None, "steps": None, "epochs": None, "batch_size": 256, "lr": 1e-3, "warmup": 100,
     "schedule": "cosine", "weight_decay": 0.0, "clip": 1.0, "seed": 0,
     "backend": "auto", "device": "auto", "threads": None, "deterministic": False,
     "eval_every": 0, "eval_batch_size": 1000, "eval_limit": None, "checkpoint_every": 0, "log_every": 100,
-    "n_samples": 64, "resume": None, "overwrite": False, "stop_at": None, "quiet": False, "progress": None,
+    "n_samples": 64, "resume": None, "overwrite": False, "stop_at": None, "time_limit": None, "quiet": False, "progress": None,
 }
 DEFAULT_EPOCHS = 10
+
+
+DEQUANTIZE = ("uniform", "variational", "none")
+NOT_DEQUANTIZED = (" This model trains on the raw integer pixels (--dequantize none): a continuous density on "
+                   "256 discrete values per pixel can put unbounded density on them, so the loss runs to -inf "
+                   "and the numbers break down. The data must be dequantized: train with --dequantize uniform "
+                   "(noise u ~ U[0, 1)) or --dequantize variational (a learned q(u | x), Flow++).")
 
 
 class UsageError(ValueError):
@@ -115,10 +122,14 @@ def model_spec(config: dict, shape: Sequence[int]) -> dict:
         raise UsageError(f"--coupling must be one of {COUPLINGS}, got {config['coupling']!r}")
     if config["norm"] not in NORMS:
         raise UsageError(f"--norm must be one of {NORMS}, got {config['norm']!r}")
+    if config.get("dequantize", "uniform") not in DEQUANTIZE:
+        raise UsageError(f"--dequantize must be one of {DEQUANTIZE}, got {config['dequantize']!r}")
+    # The models' argument: True (uniform; what checkpoints before --dequantize hold), "variational", False.
+    dequantize = {"uniform": True, "variational": "variational", "none": False}[config.get("dequantize", "uniform")]
     if kind == "realnvp":
         kwargs = {"features": c * h * w, "layers": config["layers"], "hidden": config["hidden"],
                   "coupling": config["coupling"], "norm": None if config["norm"] == "none" else config["norm"],
-                  "scale": config["scale"], "dequantize": True, "alpha": config["alpha"]}
+                  "scale": config["scale"], "dequantize": dequantize, "alpha": config["alpha"]}
         if config["coupling"] == "spline":
             kwargs.update(bins=config["bins"], bound=config["bound"])
     else:
@@ -128,7 +139,7 @@ def model_spec(config: dict, shape: Sequence[int]) -> dict:
         if config["norm"] != "actnorm":
             raise UsageError(f"--model glow always uses actnorm; --norm {config['norm']} needs --model realnvp")
         kwargs = {"image_shape": [c, h, w], "levels": config["levels"], "steps": config["layers"],
-                  "hidden": config["hidden"], "scale": config["scale"], "dequantize": True, "alpha": config["alpha"]}
+                  "hidden": config["hidden"], "scale": config["scale"], "dequantize": dequantize, "alpha": config["alpha"]}
     return {"kind": kind, "kwargs": kwargs, "data_shape": [c, h, w]}
 
 
@@ -146,6 +157,8 @@ def describe_model(spec: dict, model: Optional[torch.nn.Module] = None) -> str:
         text = f"RealNVP({k['coupling']}, {k['layers']} layers, hidden {k['hidden']}, norm {k['norm']})"
     else:
         text = f"Glow({k['levels']} levels x {k['steps']} steps, hidden {k['hidden']})"
+    deq = k.get("dequantize", True)
+    text += ", " + {True: "uniform", "variational": "variational", False: "no"}[deq] + " dequantization"
     if model is not None:
         text += f", {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     return text
@@ -156,8 +169,23 @@ def model_input(pixels: torch.Tensor, spec: dict) -> torch.Tensor:
     return pixels.flatten(1) if spec["kind"] == "realnvp" else pixels
 
 
+def dequantizes(spec: dict) -> bool:
+    """Whether the model starts with a dequantization layer (anything but --dequantize none)."""
+    return spec["kwargs"].get("dequantize", True) is not False
+
+
+def bits_per_dim(model: torch.nn.Module, spec: dict, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-sample bits/dim of uint8 images: Flow.bits_per_dim for a dequantizing model; for
+    --dequantize none, -log_prob / (D ln 2) of the raw pixel values as real numbers (what the
+    seed warns against: not a bound on anything, and unbounded below)."""
+    x = model_input(pixels, spec)
+    if dequantizes(spec):
+        return model.bits_per_dim(x)
+    return flowkern.nn.bits_per_dim(model.log_prob(x.float()), math.prod(spec["data_shape"]))
+
+
 class _BitsPerDim(torch.nn.Module):
-    """forward(x) = model.bits_per_dim(x): the objective as a module call, so that
+    """forward(x) = bits_per_dim(model, spec, x): the objective as a module call, so that
     DistributedDataParallel's forward hooks (gradient all-reduce) see it."""
 
     def __init__(self, model: torch.nn.Module, spec: dict):
@@ -165,7 +193,7 @@ class _BitsPerDim(torch.nn.Module):
         self.model, self.spec = model, spec
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.bits_per_dim(model_input(pixels, self.spec))
+        return bits_per_dim(self.model, self.spec, pixels)
 
 
 def param_hash(model: torch.nn.Module) -> str:
@@ -421,12 +449,17 @@ class MetricsLog:
 
 @torch.no_grad()
 def per_sample_bpd(model: torch.nn.Module, spec: dict, images: torch.Tensor, *, device: torch.device,
-                   batch_size: int = 1000, seed: int = 0) -> torch.Tensor:
+                   batch_size: int = 1000, seed: int = 0, samples: int = 1) -> torch.Tensor:
     """Bits/dim of each uint8 (N, C, H, W) image, float64 (N,) on the CPU.
 
-    The model runs in eval mode (BatchNormFlow with its running statistics) on one
-    dequantization-noise draw from a private stream seeded with `seed`.
+    The model runs in eval mode (BatchNormFlow with its running statistics) on dequantization
+    noise from a private stream seeded with `seed`: one draw per image (the bound), or with
+    samples=K, the importance-weighted estimate of -log P(x) / (D ln 2) from K draws
+    (flowkern.nn.importance_log_prob).
     """
+    from .nn import importance_log_prob
+
+    dims = math.prod(spec["data_shape"])
     was_training = model.training
     model.eval()
     out = []
@@ -434,7 +467,11 @@ def per_sample_bpd(model: torch.nn.Module, spec: dict, images: torch.Tensor, *, 
         with forked_rng(device, seed):
             for lo in range(0, images.shape[0], batch_size):
                 x = images[lo:lo + batch_size].to(device, non_blocking=True)
-                out.append(model.bits_per_dim(model_input(x, spec)).double().cpu())
+                if samples == 1:
+                    out.append(bits_per_dim(model, spec, x).double().cpu())
+                else:
+                    log_p = importance_log_prob(model, model_input(x, spec), samples)
+                    out.append((-log_p / (dims * math.log(2.0))).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
@@ -637,6 +674,9 @@ def check_config(config: dict) -> dict:
         _positive_int(cfg, key, flag, allow_zero=True)
     if not (isinstance(cfg["lr"], (int, float)) and cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
         raise UsageError(f"--lr must be a positive number, got {cfg['lr']!r}")
+    limit = cfg["time_limit"]
+    if limit is not None and not (isinstance(limit, (int, float)) and limit > 0 and math.isfinite(limit)):
+        raise UsageError(f"--time-limit must be a positive number of minutes, got {limit!r}")
     if not cfg["weight_decay"] >= 0:
         raise UsageError(f"--weight-decay must be >= 0, got {cfg['weight_decay']!r}")
     if not cfg["clip"] >= 0:
@@ -858,7 +898,7 @@ class _Run:
         batch = self.train_images[torch.tensor(idx, device=self.train_images.device)]
         self.model.train()
         with torch.no_grad():
-            self.model.log_prob(model_input(batch, self.spec))
+            bits_per_dim(self.model, self.spec, batch)
 
     def _write_config(self) -> None:
         if not self.rt.main:
@@ -958,8 +998,14 @@ class _Run:
         # One small all-reduce and one host sync per step: every rank sees the same numbers, so
         # all of them stop together on a non-finite loss (a NaN on one rank also poisons the
         # all-reduced gradients, hence the gradient norm, everywhere).
-        stats = torch.stack([loss.detach().float(), gnorm.detach().float().to(loss.device)])
-        loss_v, gnorm_v = (_all_reduce_sum(stats, self.rt) / self.rt.world).tolist()
+        # The --time-limit flag rides along, so every rank stops after the same step.
+        limit = self.cfg["time_limit"]
+        over = float(limit is not None and time.perf_counter() - self.t_start > 60.0 * limit)
+        stats = torch.stack([loss.detach().float(), gnorm.detach().float().to(loss.device),
+                             torch.tensor(over, device=loss.device)])
+        loss_v, gnorm_v, over_v = (_all_reduce_sum(stats, self.rt) / self.rt.world).tolist()
+        if over_v > 0:
+            self.target = self.step + 1  # this step is the last
         if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
             where = ("the last good checkpoint is " + self.ckpt_path + f" (step {self.last_ckpt_step})"
                      if self.last_ckpt_step is not None else "no checkpoint had been written yet")
@@ -967,7 +1013,7 @@ class _Run:
                 f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {self.step + 1} "
                 f"(epoch {self.epoch + 1}, batch {self.batch + 1}): loss {loss_v} bits/dim, gradient norm {gnorm_v}. "
                 f"Training stopped before that update; {where}. Try a lower --lr, a longer --warmup or --clip "
-                "(then --resume).", self.step + 1)
+                "(then --resume)." + ("" if dequantizes(self.spec) else NOT_DEQUANTIZED), self.step + 1)
         self.last_lr = self._lr()
         self.opt.step()
         self.sched.step()
@@ -1103,9 +1149,16 @@ def sample(checkpoint: str, out: str, *, n: int = 64, temperatures: Sequence[flo
 
 def evaluate(checkpoint: str, *, data: Optional[str] = None, root: Optional[str] = None, holdout=None,
              split: str = "test", limit: Optional[int] = None, batch_size: int = 1000, seed: int = 0,
-             device: str = "auto", backend: str = "auto", download: bool = False) -> dict:
+             device: str = "auto", backend: str = "auto", download: bool = False, samples: int = 1) -> dict:
     """Mean bits/dim (and its standard error) of a checkpoint on a data split; --data defaults
-    to the data the model was trained on (its held-out split)."""
+    to the data the model was trained on (its held-out split).
+
+    samples=K > 1 adds the importance-weighted estimate of -log P(x) in bits/dim with K
+    dequantization draws per image ("bpd_iw", flowkern.nn.importance_log_prob), which is below
+    the one-draw bound "bpd" on average and approaches the model's discrete likelihood as K
+    grows (uniform and variational dequantization alike)."""
+    if not isinstance(samples, int) or samples < 1:
+        raise UsageError(f"--samples must be a positive int, got {samples!r}")
     ckpt, model, spec, dev = _setup_inference(checkpoint, device, backend)
     ds = _data_from(ckpt, data, root, holdout, download)
     images = ds.split(split)[:limit] if limit else ds.split(split)
@@ -1117,7 +1170,14 @@ def evaluate(checkpoint: str, *, data: Optional[str] = None, root: Optional[str]
     result = {"checkpoint": ckpt["path"], "step": ckpt["step"], "data": ds.spec, "description": ds.description,
               "split": split, "images": len(images), "bpd": finite.mean().item() if len(finite) else float("nan"),
               "bpd_std_error": (finite.std().item() / math.sqrt(len(finite))) if len(finite) > 1 else None,
-              "non_finite": int(len(bpd) - len(finite))}
+              "non_finite": int(len(bpd) - len(finite)), "samples": samples}
+    if samples > 1:
+        if not dequantizes(spec):
+            raise UsageError("--samples needs a model with dequantization (it averages over the noise)")
+        iw = per_sample_bpd(model, spec, images, device=dev, batch_size=batch_size, seed=seed, samples=samples)
+        fin = iw[torch.isfinite(iw)]
+        result.update(bpd_iw=fin.mean().item() if len(fin) else float("nan"),
+                      bpd_iw_std_error=(fin.std().item() / math.sqrt(len(fin))) if len(fin) > 1 else None)
     return result
 
 

@@ -1,7 +1,7 @@
 """Glow (Kingma & Dhariwal, 2018): a multi-scale convolutional flow for images."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 from ..nn import ConvAffineCoupling, Flow, StandardNormal
 from ._common import preprocess_layers
@@ -18,12 +18,16 @@ class Glow(Flow):
     over it: exactly the multi-scale architecture of the paper.
 
     H and W must be divisible by 2**levels: 28x28 MNIST takes levels <= 2 (28 -> 14 -> 7).
-    dequantize=True starts with Dequantize + Logit so the model takes 8-bit pixels.
+    dequantize=True (or "uniform") starts with the fused Dequantize + Logit so the model takes
+    8-bit pixels; "variational" starts with VariationalDequantize (Flow++'s learned noise).
+    memory_saving=True backprops without keeping activations, rebuilding them with the layers'
+    exact inverses at every level; an int k also keeps every k-th layer's input (see Flow and
+    flowkern.nn.memory).
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 28, 28), levels: int = 2, steps: int = 8,
                  hidden: int = 512, *, scale: str = "sigmoid", context: int = 0,
-                 dequantize: bool = False, alpha: float = 1e-6):
+                 dequantize: Union[bool, str] = False, alpha: float = 1e-6, memory_saving: Union[bool, int] = False):
         from ..nn.linear import Invertible1x1Conv
         from ..nn.norm import ActNorm
         from ..nn.reshape import Split, Squeeze, Unsqueeze
@@ -48,5 +52,6 @@ class Glow(Flow):
                 layers.append(Split(*level(channels - channels // 2, depth + 1)))
             return layers + [Unsqueeze()]
 
-        super().__init__(preprocess_layers(dequantize, alpha) + level(c, 0), StandardNormal(image_shape))
+        super().__init__(preprocess_layers(dequantize, alpha, image_shape) + level(c, 0), StandardNormal(image_shape),
+                         memory_saving=memory_saving)
         self.image_shape = image_shape

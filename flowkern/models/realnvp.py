@@ -1,7 +1,7 @@
 """RealNVP for flattened images: a stack of couplings with alternating masks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -27,13 +27,19 @@ class RealNVP(Flow):
             "spline" (SplineCoupling with `bins` and `bound`: Neural Spline Flows).
         norm: None, "actnorm" or "batchnorm": a normalisation layer before each coupling.
         context: width of a conditioning vector (0: unconditional).
-        dequantize: start with the fused DequantizeLogit(alpha) layer, so the flow takes 8-bit
-            pixels (integer tensors) and bits_per_dim works; otherwise it takes real-valued data.
+        dequantize: True or "uniform" starts with the fused DequantizeLogit(alpha) layer, so the
+            flow takes 8-bit pixels (integer tensors) and bits_per_dim works; "variational" starts
+            with VariationalDequantize (Flow++'s learned noise; bits_per_dim is then its tighter
+            bound); False or "none": the flow takes real-valued data.
+        memory_saving: backprop without keeping activations, rebuilding them with the layers'
+            exact inverses; an int k also keeps every k-th layer's input, bounding the rebuilt
+            inputs' rounding drift (see Flow and flowkern.nn.memory).
     """
 
     def __init__(self, features: int = 784, layers: int = 8, hidden: int = 512, coupling: str = "affine",
                  *, norm: Optional[str] = None, scale: str = "sigmoid", context: int = 0,
-                 dequantize: bool = False, alpha: float = 1e-6, bins: int = 8, bound: float = 3.0):
+                 dequantize: Union[bool, str] = False, alpha: float = 1e-6, bins: int = 8, bound: float = 3.0,
+                 memory_saving: Union[bool, int] = False):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if norm not in NORMS:
@@ -42,7 +48,7 @@ class RealNVP(Flow):
             raise ValueError(f"layers must be a positive int, got {layers!r}")
         if not isinstance(features, int) or features < 2:
             raise ValueError(f"features must be an int >= 2, got {features!r}")
-        blocks = preprocess_layers(dequantize, alpha)
+        blocks = preprocess_layers(dequantize, alpha, features)
         to_halves = Permutation(features, "evens_first")
         blocks.append(to_halves)
         evens = (features + 1) // 2
@@ -59,7 +65,7 @@ class RealNVP(Flow):
             else:
                 blocks.append(AdditiveCoupling(features, hidden, mask=mask, context=context))
         blocks.append(Permutation(features, to_halves.inverse_permutation))
-        super().__init__(blocks, StandardNormal(features))
+        super().__init__(blocks, StandardNormal(features), memory_saving=memory_saving)
         self.features = features
 
     @property

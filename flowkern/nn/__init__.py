@@ -6,14 +6,16 @@ back with inverse(z, context=None, logdet=None) -> (x, logdet).
 from .coupling import MLP, AdditiveCoupling, AffineCoupling, ConvAffineCoupling, ConvNet, coupling_mask
 from .flow import Flow, FlowLayer, StandardNormal
 from .linear import Invertible1x1Conv, LinearLU, Permutation
+from .memory import MemorySaving, memory_saving_forward
 from .norm import ActNorm, BatchNormFlow
 from .preprocess import Dequantize, DequantizeLogit, Logit, bits_per_dim
 from .reshape import Split, Squeeze, Unsqueeze
 from .spline import SplineCoupling
+from .vardeq import VariationalDequantize, importance_log_prob
 
 __all__ = [
     "ActNorm", "AdditiveCoupling", "BatchNormFlow", "AffineCoupling", "ConvAffineCoupling", "ConvNet", "Dequantize",
     "DequantizeLogit", "Flow", "FlowLayer",
-    "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "Permutation", "SplineCoupling", "Split", "Squeeze", "StandardNormal",
-    "Unsqueeze", "bits_per_dim", "coupling_mask",
+    "Invertible1x1Conv", "LinearLU", "Logit", "MLP", "MemorySaving", "Permutation", "SplineCoupling", "Split", "Squeeze", "StandardNormal",
+    "Unsqueeze", "VariationalDequantize", "bits_per_dim", "coupling_mask", "importance_log_prob", "memory_saving_forward",
 ]

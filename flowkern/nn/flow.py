@@ -67,10 +67,24 @@ class Flow(nn.Module):
 
     forward(x) -> (z, logdet); inverse(z) -> (x, logdet of the inverse map);
     log_prob(x) = base.log_prob(z) + logdet; sample(n, temperature) inverts base samples.
+
+    memory_saving=True: forward (so log_prob and bits_per_dim) keeps no intermediate
+    activations for backprop; the backward pass rebuilds each layer's input with its exact
+    inverse and recomputes the layer (flowkern.nn.memory): activation memory independent of
+    depth, for about one more forward and one inverse per step. memory_saving=k (an int >= 1)
+    also keeps every k-th layer's input, so rounding error in the rebuilt inputs never
+    accumulates over more than k layers (for inverses that amplify it, like steep splines).
+    The attribute `memory_saving` can be switched at any time; it changes no parameter or
+    state-dict key.
     """
 
-    def __init__(self, layers: Iterable[nn.Module], base: Optional[nn.Module] = None):
+    def __init__(self, layers: Iterable[nn.Module], base: Optional[nn.Module] = None, *,
+                 memory_saving: Union[bool, int] = False):
         super().__init__()
+        if not isinstance(memory_saving, bool) and (not isinstance(memory_saving, int) or memory_saving < 1):
+            raise TypeError(f"memory_saving must be a bool or a positive int (keep every k-th layer's input), "
+                            f"got {memory_saving!r}")
+        self.memory_saving = memory_saving
         self.layers = nn.ModuleList(layers)
         if len(self.layers) == 0:
             raise ValueError("a Flow needs at least one layer")
@@ -82,6 +96,11 @@ class Flow(nn.Module):
         self.base = base
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.memory_saving:
+            from .memory import memory_saving_forward
+
+            keep = None if self.memory_saving is True else self.memory_saving
+            return memory_saving_forward(self.layers, x, context, keep_every=keep)
         logdet = None
         for layer in self.layers:
             x, logdet = layer(x, context, logdet)
