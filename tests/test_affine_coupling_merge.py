@@ -136,3 +136,23 @@ def test_layers_with_block_masks_match_reference_backend(backend, device, kept_f
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(results[1][3], x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_inverse_with_grad_frees_its_output(backend, device):
+    """The inverse saves its own output for the backward: as the whole tensor, not a slice of
+    it (a slice was a reference cycle through the node, and every call leaked its output)."""
+    import gc
+    import weakref
+
+    whole, params = make_inputs(4, 3, 5, device=device)
+    params.requires_grad_(True)
+    with flowkern.backend(backend):
+        out, _ = affine_coupling_merge(whole[:, :3], whole[:, 3:], params, inverse=True)
+    ref = weakref.ref(out if out._base is None else out._base)  # the node's own output
+    gc.disable()
+    try:
+        del out
+        assert ref() is None
+    finally:
+        gc.enable()

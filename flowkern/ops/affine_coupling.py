@@ -50,8 +50,10 @@ SAVE_FACTOR_ON = {"cpu"}
 def _save_factor(device: torch.device, scale: str, clamp: float, *tensors) -> bool:
     """Whether the forward saves the factor for a backward (SAVE_FACTOR_ON). A saved tanh factor
     exp(+-clamp) over/underflows float32 past clamp ~ 87, and the backward takes log(factor):
-    there, recompute from s."""
-    return (device.type in SAVE_FACTOR_ON and not (scale == "tanh" and clamp > 80.0)
+    there, recompute from s. Below clamp 1 the backward's tanh = log(factor) / clamp carries an
+    error of eps / clamp into 1 - tanh^2 (1e-4 at clamp 1e-3, for s where tanh saturates and the
+    true gradient is 0): there too."""
+    return (device.type in SAVE_FACTOR_ON and not (scale == "tanh" and not 1.0 <= clamp <= 80.0)
             and (needs_grad(*tensors) or under_functorch_or_forward_ad(*tensors)))
 
 
@@ -126,9 +128,10 @@ def _save_merge(ctx, inputs, outputs):
     kept, x, params, logdet, mode, clamp, inverse, impl, save_factor, kept_first = inputs
     out, _, factor = outputs
     n = x.shape[1]
-    # The backward needs x: the input going forward, the transformed part of the output going back.
-    moved_out = out[:, out.shape[1] - n:] if kept_first else out[:, :n]
-    ctx.save_for_backward(moved_out if inverse else x, factor if save_factor else params[:, n:])
+    # The backward needs x: the input going forward, the transformed part of the output going
+    # back. The output itself is saved and sliced in the backward: a slice made here would be a
+    # view of the node's own output, a reference cycle that kept the node alive (a leak).
+    ctx.save_for_backward(out if inverse else x, factor if save_factor else params)
     ctx.config = (save_factor, mode, clamp, inverse, impl, kept_first, kept.shape[1])
     ctx.has_logdet = logdet is not None
 
@@ -136,6 +139,10 @@ def _save_merge(ctx, inputs, outputs):
 def _backward_merge(ctx, grad_out, grad_logdet):
     saved, scale_or_factor = ctx.saved_tensors
     is_factor, mode, clamp, inverse, impl, kept_first, k = ctx.config
+    if inverse:  # the whole output: its transformed columns
+        saved = saved[:, k:] if kept_first else saved[:, :saved.shape[1] - k]
+    if not is_factor:  # the whole params: the raw scale half
+        scale_or_factor = scale_or_factor[:, scale_or_factor.shape[1] // 2:]
     # The kernel takes grad_out at any row stride; zeros for an unused output.
     grad_out = saved.new_zeros((saved.shape[0], k + saved.shape[1])) if grad_out is None else _rows(grad_out)
     grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
