@@ -173,7 +173,9 @@ class _Coupling(FlowLayer):
             if self.IMAGES:  # a per-sample vector, broadcast over the image as extra channels
                 c = c[:, :, None, None].expand(-1, -1, *x.shape[2:])
             h = torch.cat([kept, c], dim=1)
-        return kept, moved, self.conditioner(h)
+        # Under autocast the conditioner computes in half precision; the transform runs in x's
+        # dtype (a no-op cast otherwise).
+        return kept, moved, self.conditioner(h).to(x.dtype)
 
     def _take(self, x: torch.Tensor):
         """(kept, moved) parts of x along dim 1, as views where the mask's layout allows."""
