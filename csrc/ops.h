@@ -80,6 +80,18 @@ inline void check_affine_merge_grads(const at::Tensor& grad_out, const std::opti
   check_per_row(grad_logdet, saved.size(0), logdet_dtype(saved.scalar_type()), saved.device());
 }
 
+// affine_coupling_merge_bwd_out: grad_out and out (B, k + n), params (B, 2n).
+inline void check_affine_merge_bwd_out(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet,
+                                       const at::Tensor& out, const at::Tensor& params) {
+  check_rows("out", out, out);
+  check_rows("grad_out", grad_out, out);
+  check_rows("params", params, out);
+  TORCH_CHECK(grad_out.size(1) == out.size(1) && params.size(1) % 2 == 0 && params.size(1) / 2 <= out.size(1),
+              "flowkern: affine_coupling_merge_bwd_out shapes disagree: grad_out ", grad_out.sizes(), ", out ",
+              out.sizes(), ", params ", params.sizes());
+  check_per_row(grad_logdet, out.size(0), logdet_dtype(out.scalar_type()), out.device());
+}
+
 // rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all
 // contiguous; bins within the kernels' fixed-size knot arrays (math/rq_spline.h: 64).
 inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x, const at::Tensor& params,
@@ -133,6 +145,9 @@ void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& saved, \
       const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse,    \
       bool kept_first);                                                                               \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_bwd_out(                        \
+      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& out,  \
+      const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first);            \
   std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,    \
                                                    double bound, bool inverse,                                     \
                                                    const std::optional<at::Tensor>& logdet);                        \

@@ -22,6 +22,10 @@ TORCH_LIBRARY(flowkern, m) {
   // kept columns, which the caller takes as a view.
   m.def("affine_coupling_merge_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor saved, Tensor scale_or_factor, "
         "bool is_factor, int mode, float clamp, bool inverse, bool kept_first) -> (Tensor, Tensor)");
+  // The merge op's backward from its OUTPUT alone (memory-saving backprop keeps no input):
+  // (input (B, n), grad_x (B, n), grad_params (B, 2n)), the op's input rebuilt in the same pass.
+  m.def("affine_coupling_merge_bwd_out(Tensor grad_out, Tensor? grad_logdet, Tensor out, Tensor params, int mode, "
+        "float clamp, bool inverse, bool kept_first) -> (Tensor, Tensor, Tensor)");
   // (out, logdet): x (B, ...) with params x.shape + (3 bins - 1,) = [widths | heights | derivatives];
   // logdet (B,) = logdet_in + the row's sum of log|dout/dx| (float32, float64 for float64 x).
   m.def("rq_spline_fwd(Tensor x, Tensor params, int bins, float bound, bool inverse, Tensor? logdet) "
@@ -75,6 +79,7 @@ TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
   m.impl("affine_coupling_bwd", &flowkern::cpu::affine_coupling_bwd);
   m.impl("affine_coupling_merge_fwd", &flowkern::cpu::affine_coupling_merge_fwd);
   m.impl("affine_coupling_merge_bwd", &flowkern::cpu::affine_coupling_merge_bwd);
+  m.impl("affine_coupling_merge_bwd_out", &flowkern::cpu::affine_coupling_merge_bwd_out);
   m.impl("rq_spline_fwd", &flowkern::cpu::rq_spline_fwd);
   m.impl("rq_spline_bwd", &flowkern::cpu::rq_spline_bwd);
 }
@@ -85,6 +90,7 @@ TORCH_LIBRARY_IMPL(flowkern, CUDA, m) {
   m.impl("affine_coupling_bwd", &flowkern::cuda::affine_coupling_bwd);
   m.impl("affine_coupling_merge_fwd", &flowkern::cuda::affine_coupling_merge_fwd);
   m.impl("affine_coupling_merge_bwd", &flowkern::cuda::affine_coupling_merge_bwd);
+  m.impl("affine_coupling_merge_bwd_out", &flowkern::cuda::affine_coupling_merge_bwd_out);
   m.impl("rq_spline_fwd", &flowkern::cuda::rq_spline_fwd);
   m.impl("rq_spline_bwd", &flowkern::cuda::rq_spline_bwd);
 }

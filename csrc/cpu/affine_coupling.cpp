@@ -90,7 +90,9 @@ void fwd_rows(const AffineFwdRows<scalar_t>& a, scalar_t* ld_out, const scalar_t
   });
 }
 
-template <typename scalar_t, int MODE, bool INVERSE, bool FROM_FACTOR>
+// FROM_OUTPUT: the backward from the op's output (AffineBwdRows' t and input set), which also
+// rebuilds the input; s is then the raw scale.
+template <typename scalar_t, int MODE, bool INVERSE, bool FROM_FACTOR, bool FROM_OUTPUT = false>
 void bwd_rows(const AffineBwdRows<scalar_t>& a, const scalar_t* gld, int64_t rows, int64_t n, scalar_t clamp) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
@@ -109,8 +111,16 @@ void bwd_rows(const AffineBwdRows<scalar_t>& a, const scalar_t* gld, int64_t row
         // Padding lanes of a tail load are 0; a zero factor only feeds lanes never stored.
         const Vec vg = Vec::loadu(g + j, lanes);
         Vec gi, gs;
-        affine_backward<MODE, INVERSE, FROM_FACTOR>(vg, vgld, Vec::loadu(saved + j, lanes),
-                                                    Vec::loadu(s + j, lanes), vclamp, gi, gs);
+        if constexpr (FROM_OUTPUT) {
+          Vec input;
+          affine_backward_from_output<MODE, INVERSE>(vg, vgld, Vec::loadu(saved + j, lanes),
+                                                     Vec::loadu(a.t + r * a.t_rs + j, lanes), Vec::loadu(s + j, lanes),
+                                                     vclamp, input, gi, gs);
+          input.store(a.input + r * n + j, lanes);
+        } else {
+          affine_backward<MODE, INVERSE, FROM_FACTOR>(vg, vgld, Vec::loadu(saved + j, lanes),
+                                                      Vec::loadu(s + j, lanes), vclamp, gi, gs);
+        }
         gi.store(grad_in + j, lanes);
         gs.store(grad_s + j, lanes);
         if (grad_shift) affine_shift_grad<INVERSE>(vg, gi).store(grad_shift + j, lanes);
@@ -147,8 +157,14 @@ void run_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor>& 
       bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, decltype(from_factor_c)::value>(
           a, gld, rows, n, static_cast<scalar_t>(clamp));
     };
-    if (is_factor) run(std::true_type{});
-    else run(std::false_type{});
+    if (a.input) {
+      bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, false, true>(a, gld, rows, n,
+                                                                                       static_cast<scalar_t>(clamp));
+    } else if (is_factor) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   });
 }
 
@@ -226,6 +242,27 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(
     run_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp);
   });
   return {grad_x, grad_params};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_bwd_out(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& out,
+    const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first) {
+  check_affine_merge_bwd_out(grad_out, grad_logdet, out, params);
+  check_cpu_dtype(out);
+  const int64_t rows = out.size(0), n = params.size(1) / 2, k = out.size(1) - n;
+  auto input = at::empty({rows, n}, out.options());
+  auto grad_x = at::empty({rows, n}, out.options());
+  auto grad_params = at::empty({rows, 2 * n}, out.options());
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "flowkern_affine_coupling_merge_bwd_out_cpu", [&] {
+    scalar_t* gp = grad_params.data_ptr<scalar_t>();
+    const scalar_t* p = params.data_ptr<scalar_t>();
+    const int64_t at = kept_first ? k : 0;
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + at, out.data_ptr<scalar_t>() + at, p + n,
+                              grad_out.stride(0), out.stride(0), params.stride(0), grad_x.data_ptr<scalar_t>(),
+                              gp + n, 2 * n, gp, 2 * n, p, params.stride(0), input.data_ptr<scalar_t>()};
+    run_bwd(a, grad_logdet, false, mode, inverse, rows, n, clamp);
+  });
+  return {input, grad_x, grad_params};
 }
 
 }  // namespace cpu

@@ -54,7 +54,8 @@ __global__ void affine_coupling_fwd_kernel(const AffineFwdRows<scalar_t> a, acc_
 
 // Purely elementwise: a flat grid-stride loop over rows * n, each index split into (row, col)
 // to find the element at its tensor's row stride.
-template <typename scalar_t, typename acc_t, int MODE, bool INVERSE, bool FROM_FACTOR>
+// FROM_OUTPUT: from the op's output (AffineBwdRows' t and input set), rebuilding the input.
+template <typename scalar_t, typename acc_t, int MODE, bool INVERSE, bool FROM_FACTOR, bool FROM_OUTPUT>
 __global__ void affine_coupling_bwd_kernel(const AffineBwdRows<scalar_t> a, const acc_t* __restrict__ gld,
                                            int64_t numel, int64_t n, acc_t clamp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -62,8 +63,16 @@ __global__ void affine_coupling_bwd_kernel(const AffineBwdRows<scalar_t> a, cons
     const int64_t r = i / n, c = i - r * n;
     const acc_t g = static_cast<acc_t>(a.g[r * a.g_rs + c]);
     acc_t gi, gs;
-    affine_backward<MODE, INVERSE, FROM_FACTOR>(g, gld ? gld[r] : acc_t(0), static_cast<acc_t>(a.saved[r * a.saved_rs + c]),
-                                                static_cast<acc_t>(a.s[r * a.s_rs + c]), clamp, gi, gs);
+    if constexpr (FROM_OUTPUT) {
+      acc_t input;
+      affine_backward_from_output<MODE, INVERSE>(g, gld ? gld[r] : acc_t(0), static_cast<acc_t>(a.saved[r * a.saved_rs + c]),
+                                                 static_cast<acc_t>(a.t[r * a.t_rs + c]),
+                                                 static_cast<acc_t>(a.s[r * a.s_rs + c]), clamp, input, gi, gs);
+      a.input[i] = static_cast<scalar_t>(input);
+    } else {
+      affine_backward<MODE, INVERSE, FROM_FACTOR>(g, gld ? gld[r] : acc_t(0), static_cast<acc_t>(a.saved[r * a.saved_rs + c]),
+                                                  static_cast<acc_t>(a.s[r * a.s_rs + c]), clamp, gi, gs);
+    }
     a.grad_in[i] = static_cast<scalar_t>(gi);
     a.grad_s[r * a.grad_s_rs + c] = static_cast<scalar_t>(gs);
     if (a.grad_shift) a.grad_shift[r * a.grad_shift_rs + c] = static_cast<scalar_t>(affine_shift_grad<INVERSE>(g, gi));
@@ -94,13 +103,14 @@ void launch_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor
   const acc_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<acc_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
-    auto run = [&](auto from_factor_c) {
+    auto run = [&](auto from_factor_c, auto from_output_c) {
       affine_coupling_bwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value,
-                                 decltype(from_factor_c)::value>
+                                 decltype(from_factor_c)::value, decltype(from_output_c)::value>
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, gld, numel, n, static_cast<acc_t>(clamp));
     };
-    if (is_factor) run(std::true_type{});
-    else run(std::false_type{});
+    if (a.input) run(std::false_type{}, std::true_type{});
+    else if (is_factor) run(std::true_type{}, std::false_type{});
+    else run(std::false_type{}, std::false_type{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -192,6 +202,27 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(
     launch_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp, saved.get_device());
   });
   return {grad_x, grad_params};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_bwd_out(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& out,
+    const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first) {
+  check_affine_merge_bwd_out(grad_out, grad_logdet, out, params);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t rows = out.size(0), n = params.size(1) / 2, k = out.size(1) - n;
+  auto input = at::empty({rows, n}, out.options());
+  auto grad_x = at::empty({rows, n}, out.options());
+  auto grad_params = at::empty({rows, 2 * n}, out.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "flowkern_affine_coupling_merge_bwd_out_cuda", [&] {
+    scalar_t* gp = grad_params.data_ptr<scalar_t>();
+    const scalar_t* p = params.data_ptr<scalar_t>();
+    const int64_t at = kept_first ? k : 0;
+    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + at, out.data_ptr<scalar_t>() + at, p + n,
+                              grad_out.stride(0), out.stride(0), params.stride(0), grad_x.data_ptr<scalar_t>(),
+                              gp + n, 2 * n, gp, 2 * n, p, params.stride(0), input.data_ptr<scalar_t>()};
+    launch_bwd(a, grad_logdet, false, mode, inverse, rows, n, clamp, out.get_device());
+  });
+  return {input, grad_x, grad_params};
 }
 
 }  // namespace cuda

@@ -25,8 +25,10 @@ namespace flowkern {
 namespace math {
 
 enum AffineScale : int { kAffineExp = 0, kAffineSigmoid = 1, kAffineTanh = 2 };
-constexpr float kAffineSigmoidOffset = 2.0f;
-constexpr float kAffineSigmoidEps = 1e-3f;
+// double: T(kAffineSigmoidEps) is then 1e-3 rounded once to T (a float constant would give the
+// float64 kernels 1.0000000475e-3, a relative error of 5e-8 in every sigmoid factor).
+constexpr double kAffineSigmoidOffset = 2.0;
+constexpr double kAffineSigmoidEps = 1e-3;
 
 // The factor applied to the data (m forward, 1/m inverse) and log m (unsigned). The row's
 // log-det is the sum of log(factor) = +-log m in either direction. exp(-log m) rather than
@@ -105,6 +107,22 @@ FLOWKERN_HD void affine_backward(const T& g, const T& gld, const T& saved, const
   grad_s = INVERSE ? -((g * saved + gld) * dlogm) : (g * saved * factor + gld) * dlogm;
 }
 
+// The backward from the op's OUTPUT and the raw scale alone, for memory-saving backprop (which
+// keeps no input): rebuilds the op's input in the same pass. With d = out - t:
+//   forward (out = x m + t):  x = d / m,      dL/dx = g m,   dL/ds = (g d + gld) dlogm/ds
+//   inverse (out = (y - t)/m): y = out m + t, dL/dy = g / m, dL/ds = -(g out + gld) dlogm/ds
+// (g x m = g d: the forward's gradient needs no division).
+template <int MODE, bool INVERSE, typename T>
+FLOWKERN_HD void affine_backward_from_output(const T& g, const T& gld, const T& out, const T& t, const T& s,
+                                             const T& clamp, T& input, T& grad_in, T& grad_s) {
+  T factor, dlogm;
+  affine_factor_grad<MODE, INVERSE>(s, clamp, factor, dlogm);
+  const T d = out - t;
+  input = INVERSE ? out / factor + t : d / factor;
+  grad_in = g * factor;
+  grad_s = INVERSE ? -((g * out + gld) * dlogm) : (g * d + gld) * dlogm;
+}
+
 // dL/dt given g = dL/d(out) and grad_in = dL/d(input): g going forward (y = x m + t); going
 // back (x = (y - t) / m) it is -g / m = -grad_in.
 template <bool INVERSE, typename T>
@@ -139,6 +157,11 @@ struct AffineBwdRows {
   int64_t grad_s_rs;
   T* grad_shift = nullptr;
   int64_t grad_shift_rs = 0;
+  // From the output (affine_backward_from_output): `saved` is the op's output, t its shift rows,
+  // and the rebuilt input goes to `input` ((rows, n) contiguous).
+  const T* t = nullptr;
+  int64_t t_rs = 0;
+  T* input = nullptr;
 };
 
 }  // namespace math

@@ -147,7 +147,7 @@ FLOWKERN_HD void batch_stats_finalize(const T& k, const T& s1, const T& s2, cons
   const T d = s1 / n;
   const T v = s2 / n - d * d;
   mean = k + d;
-  var = v > T(0) ? v : T(0);
+  var = v < T(0) ? T(0) : v;  // clamps rounding below 0; NaN (a NaN or inf in x) stays NaN
 }
 
 }  // namespace math

@@ -3,7 +3,7 @@ and a transformed part, whose per-element transform is predicted from the kept p
 optional context) by an MLP conditioner."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -162,20 +162,37 @@ class _Coupling(FlowLayer):
         """(kept, moved, the conditioner's output as it comes)."""
         self.check_input(x)
         kept, moved = self._take(x)
+        return kept, moved, self._condition(kept, context, x.dtype)
+
+    def _condition(self, kept: torch.Tensor, context: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The conditioner's output on the kept part (and the context), in `dtype`."""
         h = kept
         if self.context_features:
             if context is None:
                 raise ValueError(f"this layer is conditional: pass context of shape (batch, {self.context_features})")
-            if not isinstance(context, torch.Tensor) or context.shape != (x.shape[0], self.context_features):
+            if not isinstance(context, torch.Tensor) or context.shape != (kept.shape[0], self.context_features):
                 got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-                raise ValueError(f"context must have shape ({x.shape[0]}, {self.context_features}), got {got}")
+                raise ValueError(f"context must have shape ({kept.shape[0]}, {self.context_features}), got {got}")
             c = context.to(kept.dtype)
             if self.IMAGES:  # a per-sample vector, broadcast over the image as extra channels
-                c = c[:, :, None, None].expand(-1, -1, *x.shape[2:])
+                c = c[:, :, None, None].expand(-1, -1, *kept.shape[2:])
             h = torch.cat([kept, c], dim=1)
-        # Under autocast the conditioner computes in half precision; the transform runs in x's
-        # dtype (a no-op cast otherwise).
-        return kept, moved, self.conditioner(h).to(x.dtype)
+        # Under autocast the conditioner computes in half precision; the transform runs in the
+        # input's dtype (a no-op cast otherwise).
+        return self.conditioner(h).to(dtype)
+
+    def fused_backward_from_output(self, y: torch.Tensor, grad_y: Optional[torch.Tensor],
+                                   grad_logdet: Optional[torch.Tensor], context: Optional[torch.Tensor],
+                                   wrt: Sequence[torch.Tensor], need_x: bool):
+        """Memory-saving backprop's step for this layer from its output y alone, or None where the
+        layer has no fused form (only AffineCoupling with a two-block mask has).
+
+        Runs the conditioner once on y's kept part (the same as x's), then one kernel pass
+        (affine_coupling_merge_backward_from_output) rebuilds x and the gradients of the
+        transform; the conditioner's backward carries the params' gradient to `wrt` (the
+        parameters, the context) and to the kept part. Returns (x, grad_x or None, grads of wrt).
+        """
+        return None
 
     def _take(self, x: torch.Tensor):
         """(kept, moved) parts of x along dim 1, as views where the mask's layout allows."""
@@ -264,6 +281,28 @@ class AffineCoupling(_Coupling):
         moved, logdet = ops.affine_coupling(moved, shift, scale_raw, scale=self.scale, clamp=self.clamp,
                                             inverse=inverse, logdet=logdet)
         return self._merge(kept, moved), logdet
+
+    def fused_backward_from_output(self, y, grad_y, grad_logdet, context, wrt, need_x):
+        kind, kept_first = self._layout
+        if kind != "blocks":
+            return None
+        from ..ops.affine_coupling import affine_coupling_merge_backward_from_output
+
+        self.check_input(y)
+        k = len(self.kept_idx)
+        kept = (y[:, :k] if kept_first else y[:, y.shape[1] - k:]).detach().requires_grad_(need_x)
+        with torch.enable_grad():
+            params = self._condition(kept, context, y.dtype)
+        x, grad_x, grad_params = affine_coupling_merge_backward_from_output(
+            grad_y, grad_logdet, y, params.detach(), kept=k, kept_first=kept_first, scale=self.scale,
+            clamp=self.clamp)
+        inputs = ([kept] if need_x else []) + list(wrt)
+        got = torch.autograd.grad(params, inputs, grad_params, allow_unused=True) if inputs else ()
+        if need_x:
+            if got[0] is not None:  # the conditioner's share of the kept part's gradient
+                (grad_x[:, :k] if kept_first else grad_x[:, grad_x.shape[1] - k:]).add_(got[0])
+            got = got[1:]
+        return x, (grad_x if need_x else None), list(got)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale!r}"

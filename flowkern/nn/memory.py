@@ -236,6 +236,11 @@ class _Backward:
                     grad_y = None
                 continue
             rng = None
+            if mode == INVERT and _has_conditioner(layer) and _builtin(layer) and not self.autocast[1]:
+                step = self._fused_coupling_step(layer, y, grad_y, need_x)
+                if step is not None:
+                    y, grad_y = step
+                    continue
             if mode == INVERT and _has_conditioner(layer):
                 y, grad_y = self._coupling_step(layer, y, grad_y, need_x)
                 continue
@@ -258,6 +263,33 @@ class _Backward:
         need_ctx = self.context is not None and self.context.requires_grad
         work = (need_x or bool(params) or need_ctx) and (grad_y is not None or self.grad_logdet is not None)
         return params, need_ctx, work
+
+    def _fused_coupling_step(self, layer, y, grad_y, need_x: bool):
+        """The coupling's fused backward from its output (the layer's fused_backward_from_output:
+        one conditioner pass and one kernel pass that rebuilds x and the transform's gradients),
+        or None where the layer has none."""
+        need_x = need_x and y.is_floating_point()
+        params, need_ctx, work = self._needs(layer, grad_y, need_x)
+        if not work:
+            return None
+        wrt = ([self.context] if need_ctx else []) + params
+        result = layer.fused_backward_from_output(y, grad_y, self.grad_logdet, self.context, wrt, need_x)
+        if result is None:
+            return None
+        x, grad_x, got = result
+        self._accumulate(got, need_ctx, params)
+        return x, grad_x
+
+    def _accumulate(self, got: Sequence[Optional[torch.Tensor]], need_ctx: bool, params) -> None:
+        """Adds gradients (the context's first when need_ctx, then one per param) into self."""
+        if need_ctx:
+            g, got = got[0], got[1:]
+            if g is not None:
+                self.context_grad = g if self.context_grad is None else self.context_grad + g
+        for p, g in zip(params, got):
+            if g is not None:
+                prev = self.param_grads.get(id(p))
+                self.param_grads[id(p)] = g if prev is None else prev + g
 
     def _coupling_step(self, layer, y, grad_y, need_x: bool):
         """A coupling's inverse and recompute sharing one conditioner pass. The conditioner's
@@ -328,20 +360,11 @@ class _Backward:
         if not outputs or not inputs:
             return torch.zeros_like(x) if need_x else None
         got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-        k = 0
         grad_x = None
         if need_x:
             grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
-            k = 1
-        if need_ctx:
-            g = got[k]
-            if g is not None:
-                self.context_grad = g if self.context_grad is None else self.context_grad + g
-            k += 1
-        for p, g in zip(params, got[k:]):
-            if g is not None:
-                prev = self.param_grads.get(id(p))
-                self.param_grads[id(p)] = g if prev is None else prev + g
+            got = got[1:]
+        self._accumulate(got, need_ctx, params)
         return grad_x
 
 

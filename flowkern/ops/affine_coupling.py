@@ -104,6 +104,7 @@ def affine_coupling(
     _checks.like("scale_raw", scale_raw, "x", x)
     _checks.choice("scale", scale, SCALES)
     clamp = _checks.positive("clamp", clamp)
+    inverse = _checks.flag("inverse", inverse)
     logdet = _checks.running_logdet(logdet, x)
     impl = resolve_op(x.device, x.dtype, "affine_coupling_fwd")
     if impl == "reference":
@@ -201,7 +202,7 @@ def affine_coupling_merge(
     _checks.choice("scale", scale, SCALES)
     clamp = _checks.positive("clamp", clamp)
     logdet = _checks.running_logdet(logdet, x)
-    kept_first, inverse = bool(kept_first), bool(inverse)
+    kept_first, inverse = _checks.flag("kept_first", kept_first), _checks.flag("inverse", inverse)
     impl = resolve_op(x.device, x.dtype, "affine_coupling_merge_fwd")
     if impl == "reference":
         return affine_coupling_merge_ref(kept, x, params, kept_first=kept_first, scale=scale, clamp=clamp,
@@ -214,6 +215,92 @@ def affine_coupling_merge(
     out, ld = apply(_MERGE_FUNCTIONS, _run_merge, (kept, x, params, logdet),
                     kept, x, params, logdet, SCALE_MODES[scale], clamp, inverse, impl, save_factor, kept_first)
     return out.view(shape).to(dtype), ld
+
+
+def affine_coupling_merge_backward_from_output(
+    grad_out: Optional[torch.Tensor],
+    grad_logdet: Optional[torch.Tensor],
+    out: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    kept: int,
+    kept_first: bool = True,
+    scale: str = "exp",
+    clamp: float = 2.0,
+    inverse: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """affine_coupling_merge's backward from its OUTPUT alone, for memory-saving backprop (which
+    keeps no input): one kernel pass rebuilds the op's input from `out` and computes the gradients.
+
+    out (B, K + C, ...) is the op's output with `kept` = K kept channels (first or last), params
+    (B, 2C, ...) the conditioner's output, grad_out (like out, or None: zero) and grad_logdet
+    ((B,) or None) the incoming gradients. Returns (the op's input (B, K + C, ...): out's kept part
+    and the rebuilt transformed part; the gradient w.r.t. that input through the transform, kept
+    part = grad_out's; the gradient w.r.t. params), no autograd graph. The rebuilt input matches
+    affine_coupling_merge's inverse to rounding (1 / m is a division here).
+    """
+    _checks.tensor("out", out)
+    _checks.tensor("params", params)
+    n_channels = params.shape[1] // 2 if params.dim() >= 2 else 0
+    if params.dim() < 2 or params.shape != (out.shape[0], 2 * n_channels, *out.shape[2:]) or not (
+            0 < n_channels and 0 <= kept and kept + n_channels == out.shape[1]):
+        raise ValueError(f"params {tuple(params.shape)} and kept={kept} do not fit out {tuple(out.shape)}")
+    if grad_out is not None:
+        _checks.like("grad_out", grad_out, "out", out)
+    _checks.choice("scale", scale, SCALES)
+    clamp = _checks.positive("clamp", clamp)
+    kept_first, inverse = bool(kept_first), bool(inverse)
+    grad_logdet = None if grad_logdet is None else _checks.running_logdet(grad_logdet, out)
+    impl = resolve_op(out.device, out.dtype, "affine_coupling_merge_bwd_out")
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if impl == "reference":
+        rebuilt, grad_x, grad_params = affine_coupling_merge_bwd_out_ref(
+            grad_out, grad_logdet, out, params, kept=kept, kept_first=kept_first, scale=scale, clamp=clamp,
+            inverse=inverse)
+    else:
+        dtype = out.dtype
+        o, g, p = out, grad_out, params
+        if impl == "compiled" and out.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+            o, g, p = o.float(), g.float(), p.float()
+        kernel = torch.ops.flowkern.affine_coupling_merge_bwd_out if impl == "compiled" else _triton_bwd_out()
+        rebuilt, grad_x, grad_params = kernel(_rows(g), grad_logdet, _rows(o), _rows(p), SCALE_MODES[scale], clamp,
+                                              inverse, kept_first)
+        shape = (out.shape[0], n_channels, *out.shape[2:])
+        rebuilt, grad_x = rebuilt.view(shape).to(dtype), grad_x.view(shape).to(dtype)
+        grad_params = grad_params.view(params.shape).to(dtype)
+    kept_out = out[:, :kept] if kept_first else out[:, n_channels:]
+    kept_grad = grad_out[:, :kept] if kept_first else grad_out[:, n_channels:]
+    parts = ([kept_out, rebuilt], [kept_grad, grad_x]) if kept_first else ([rebuilt, kept_out], [grad_x, kept_grad])
+    return torch.cat(parts[0], dim=1), torch.cat(parts[1], dim=1), grad_params
+
+
+def _triton_bwd_out():
+    from ..triton import affine_coupling as tk
+
+    return tk.affine_coupling_merge_bwd_out
+
+
+def affine_coupling_merge_bwd_out_ref(grad_out, grad_logdet, out, params, *, kept, kept_first, scale, clamp, inverse):
+    """The reference of the backward from the output: the input rebuilt with the op's inverse,
+    the gradients by autograd through the reference op. Returns (rebuilt transformed part,
+    its gradient, the params' gradient)."""
+    n = params.shape[1] // 2
+    moved = out[:, kept:] if kept_first else out[:, :n]
+    g = grad_out[:, kept:] if kept_first else grad_out[:, :n]
+    shift, raw = params[:, :n], params[:, n:]
+    with torch.no_grad():
+        rebuilt, _ = affine_coupling_ref(moved, shift, raw, scale=scale, clamp=clamp, inverse=not inverse)
+    with torch.enable_grad():
+        x = rebuilt.detach().requires_grad_(True)
+        p = params.detach().requires_grad_(True)
+        y, ld = affine_coupling_ref(x, p[:, :n], p[:, n:], scale=scale, clamp=clamp, inverse=inverse)
+        outputs, grads = [y], [g]
+        if grad_logdet is not None:
+            outputs.append(ld)
+            grads.append(grad_logdet.to(ld.dtype))
+        grad_x, grad_params = torch.autograd.grad(outputs, [x, p], grads)
+    return rebuilt, grad_x, grad_params
 
 
 # Positions of the tensor arguments of the fwd / bwd kernel ops (both the compiled and the
@@ -249,6 +336,12 @@ def _register_fakes() -> None:
         factor = x.new_empty(x.shape) if save_factor else x.new_empty((0,))
         out = x.new_empty((x.shape[0], kept.shape[1] + x.shape[1]))
         return out, x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype)), factor
+
+    if _ext.has_op("affine_coupling_merge_bwd_out"):
+        @torch.library.register_fake("flowkern::affine_coupling_merge_bwd_out")
+        def _merge_bwd_out_fake(grad_out, grad_logdet, out, params, mode, clamp, inverse, kept_first):
+            n = params.shape[1] // 2
+            return out.new_empty((out.shape[0], n)), out.new_empty((out.shape[0], n)), params.new_empty(params.shape)
 
     @torch.library.register_fake("flowkern::affine_coupling_merge_bwd")
     def _merge_bwd_fake(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp, inverse, kept_first):

@@ -37,7 +37,8 @@ from ..ops._vmap import register_row_vmap
 from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
 from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
 
-__all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_fwd", "affine_coupling_merge_bwd"]
+__all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_fwd", "affine_coupling_merge_bwd",
+           "affine_coupling_merge_bwd_out"]
 
 MODE_EXP = 0
 MODE_SIGMOID = 1
@@ -188,14 +189,17 @@ def _affine_coupling_bwd_kernel(
     grad_in_ptr,  # (B, N) contiguous dL/d(input), saved's dtype
     grad_scale_ptr,  # (B, N) dL/ds, row stride gs_rs
     grad_shift_ptr,  # (B, N) dL/dt (g, or -g/m going back), row stride gt_rs, when HAS_GRAD_SHIFT
+    t_ptr,  # (B, N) the shift, row stride t_rs, when FROM_OUTPUT
+    input_ptr,  # (B, N) contiguous: the op's input rebuilt from its output, when FROM_OUTPUT
     N,  # elements per row
-    g_rs, saved_rs, s_rs, gs_rs, gt_rs,
+    g_rs, saved_rs, s_rs, gs_rs, gt_rs, t_rs,
     clamp,  # runtime float so that changing it does not trigger a recompile
     MODE: tl.constexpr,
     INVERSE: tl.constexpr,
     HAS_GRAD_LOGDET: tl.constexpr,
     FROM_FACTOR: tl.constexpr,
     HAS_GRAD_SHIFT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,  # saved is the op's output; rebuild the input (raw scale in s)
     BLOCK: tl.constexpr,
 ):
     # int64 before the multiplies: B * N may exceed 2^31 even when N alone does not.
@@ -216,6 +220,16 @@ def _affine_coupling_bwd_kernel(
             m, inv_m, dlogm = _terms_from_factor(s, clamp, MODE, INVERSE)
         else:
             _logm, m, inv_m, dlogm = _scale_terms(s, clamp, MODE)
+        if FROM_OUTPUT:
+            # v is the output: the input is y = v m + t going back, x = (v - t) / m going forward,
+            # and g x m = g (v - t) (csrc/math/affine_coupling.h, affine_backward_from_output).
+            t = tl.load(t_ptr + row * t_rs + offs, mask=mask, other=0.0).to(tl.float32)
+            d = v - t
+            if INVERSE:
+                rebuilt = v * m + t
+            else:
+                rebuilt = d * inv_m
+            tl.store(input_ptr + row * N + offs, rebuilt.to(input_ptr.dtype.element_ty), mask=mask)
         if INVERSE:
             # d(out)/d(log m) = -out, and out is exactly what was saved.
             gi = g * inv_m
@@ -223,7 +237,10 @@ def _affine_coupling_bwd_kernel(
             gt = -gi
         else:
             gi = g * m
-            gs = (g * v * m + gld) * dlogm
+            if FROM_OUTPUT:
+                gs = (g * d + gld) * dlogm
+            else:
+                gs = (g * v * m + gld) * dlogm
             gt = g
         tl.store(grad_in_ptr + row * N + offs, gi.to(grad_in_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_scale_ptr + row * gs_rs + offs, gs.to(grad_scale_ptr.dtype.element_ty), mask=mask)
@@ -259,9 +276,10 @@ def _launch_fwd(x, shift, scale_raw, out, factor, logdet, logdet_out, *, rows, n
 
 
 def _launch_bwd(grad_out, grad_logdet, saved, scale_or_factor, grad_in, grad_scale, *, rows, n, strides, mode, clamp,
-                inverse, is_factor, grad_shift=None, grad_shift_rs=0):
+                inverse, is_factor, grad_shift=None, grad_shift_rs=0, shift=None, shift_rs=0, rebuilt=None):
     """The backward kernel; strides = the row strides of (grad_out, saved, scale_or_factor,
-    grad_scale); grad_in is contiguous; grad_shift, when given, receives dL/dt."""
+    grad_scale); grad_in is contiguous; grad_shift, when given, receives dL/dt. With `rebuilt`
+    (contiguous), saved is the op's output and shift its shift: the input is rebuilt there."""
     block, num_warps = _block_for(n)
     g_rs, saved_rs, s_rs, gs_rs = strides
     wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
@@ -269,10 +287,13 @@ def _launch_bwd(grad_out, grad_logdet, saved, scale_or_factor, grad_in, grad_sca
         grad_logdet if grad_logdet is not None else grad_out,
         saved, scale_or_factor, grad_in, grad_scale,
         grad_shift if grad_shift is not None else grad_scale,
-        n, g_rs, saved_rs, s_rs, gs_rs, grad_shift_rs,
+        shift if shift is not None else grad_scale,
+        rebuilt if rebuilt is not None else grad_scale,
+        n, g_rs, saved_rs, s_rs, gs_rs, grad_shift_rs, shift_rs,
         float(clamp),
         MODE=int(mode), INVERSE=bool(inverse), HAS_GRAD_LOGDET=grad_logdet is not None,
-        FROM_FACTOR=bool(is_factor), HAS_GRAD_SHIFT=grad_shift is not None, BLOCK=block, num_warps=num_warps,
+        FROM_FACTOR=bool(is_factor), HAS_GRAD_SHIFT=grad_shift is not None, FROM_OUTPUT=rebuilt is not None,
+        BLOCK=block, num_warps=num_warps,
     )
 
 
@@ -386,6 +407,31 @@ def _affine_coupling_merge_bwd_op(
     return grad_x, grad_params
 
 
+@triton_op("flowkern::affine_coupling_merge_bwd_out_triton", mutates_args=())
+def _affine_coupling_merge_bwd_out_op(
+    grad_out: Tensor,
+    grad_logdet: Optional[Tensor],
+    out: Tensor,
+    params: Tensor,
+    mode: int,
+    clamp: float,
+    inverse: bool,
+    kept_first: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    rows = out.shape[0]
+    n = params.shape[1] // 2
+    k = out.shape[1] - n
+    rebuilt, grad_x, grad_params = out.new_empty((rows, n)), out.new_empty((rows, n)), out.new_empty((rows, 2 * n))
+    if rows == 0 or n == 0:
+        return rebuilt, grad_x, grad_params
+    at = k if kept_first else 0
+    _launch_bwd(grad_out[:, at:], grad_logdet, out[:, at:], params[:, n:], grad_x, grad_params[:, n:], rows=rows, n=n,
+                strides=(grad_out.stride(0), out.stride(0), params.stride(0), 2 * n), mode=mode, clamp=clamp,
+                inverse=inverse, is_factor=False, grad_shift=grad_params, grad_shift_rs=2 * n, shift=params,
+                shift_rs=params.stride(0), rebuilt=rebuilt)
+    return rebuilt, grad_x, grad_params
+
+
 # Shape-only fakes, needed only when the kernels are interpreted (see _common).
 def _affine_coupling_fwd_fake(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor):
     factor = torch.empty_like(x) if save_factor else x.new_empty((0,))
@@ -407,10 +453,16 @@ def _affine_coupling_merge_bwd_fake(grad_out, grad_logdet, saved, scale_or_facto
     return saved.new_empty(saved.shape), saved.new_empty((saved.shape[0], 2 * saved.shape[1]))
 
 
+def _affine_coupling_merge_bwd_out_fake(grad_out, grad_logdet, out, params, mode, clamp, inverse, kept_first):
+    n = params.shape[1] // 2
+    return out.new_empty((out.shape[0], n)), out.new_empty((out.shape[0], n)), params.new_empty(params.shape)
+
+
 register_interpreter_fakes(_affine_coupling_fwd_kernel, [
     (_affine_coupling_fwd_op, _affine_coupling_fwd_fake), (_affine_coupling_bwd_op, _affine_coupling_bwd_fake),
     (_affine_coupling_merge_fwd_op, _affine_coupling_merge_fwd_fake),
-    (_affine_coupling_merge_bwd_op, _affine_coupling_merge_bwd_fake)])
+    (_affine_coupling_merge_bwd_op, _affine_coupling_merge_bwd_fake),
+    (_affine_coupling_merge_bwd_out_op, _affine_coupling_merge_bwd_out_fake)])
 
 register_row_vmap("flowkern::affine_coupling_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::affine_coupling_bwd_triton", BWD_TENSOR_ARGS)
@@ -463,3 +515,11 @@ def affine_coupling_merge_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], s
     return torch.ops.flowkern.affine_coupling_merge_bwd_triton(
         grad_out, grad_logdet, saved, scale_or_factor, bool(is_factor), int(mode), float(clamp), bool(inverse),
         bool(kept_first))
+
+
+def affine_coupling_merge_bwd_out(grad_out: Tensor, grad_logdet: Optional[Tensor], out: Tensor, params: Tensor,
+                                  mode: int, clamp: float, inverse: bool,
+                                  kept_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The merge op's backward from its output: (input (B, n), grad_x (B, n), grad_params (B, 2n))."""
+    return torch.ops.flowkern.affine_coupling_merge_bwd_out_triton(
+        grad_out, grad_logdet, out, params, int(mode), float(clamp), bool(inverse), bool(kept_first))
