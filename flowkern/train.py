@@ -16,8 +16,9 @@ papers report.
 A run folder (--out) holds:
     config.json            every option and what it resolved to (device, model, data sizes)
     checkpoint.pt          the last good state: model (kind, constructor arguments, data shape,
-                           weights), optimizer, scheduler, step/epoch/batch, every rank's RNG
-                           states, metrics so far; written atomically (temp file + os.replace)
+                           weights and their sha256), optimizer, scheduler, step/epoch/batch,
+                           every rank's RNG states, metrics so far; written atomically (temp
+                           file + os.replace); read with torch.load(weights_only=True)
     metrics.jsonl/.csv     one row per --log-every steps and per evaluation: step, epoch,
                            train_bpd, test_bpd, img_per_s, lr, time_s, grad_norm
     samples_t{T}.png       final sample grids at temperatures T = 1.0, 0.7, 0.5
@@ -198,8 +199,13 @@ class _BitsPerDim(torch.nn.Module):
 
 def param_hash(model: torch.nn.Module) -> str:
     """sha256 of every state-dict tensor (names, dtypes, shapes, bytes), in order."""
+    return state_hash(model.state_dict())
+
+
+def state_hash(state: dict) -> str:
+    """param_hash of a state dict: also the checksum a checkpoint keeps of its weights."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -403,16 +409,50 @@ def load_checkpoint(path: str) -> dict:
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}; this flowkern reads up to "
                               f"{CHECKPOINT_VERSION}: upgrade flowkern")
+    _check_fields(ckpt, path)
     ckpt["path"] = os.path.abspath(path)
     return ckpt
+
+
+# What the readers of a checkpoint index into, with its type: a file edited or damaged into
+# another shape is refused here, with its name, rather than as a KeyError deep in a resume.
+_CHECKPOINT_FIELDS = {"model": dict, "model_state": dict, "optimizer_state": dict, "scheduler_state": dict,
+                      "step": int, "epoch": int, "batch_in_epoch": int, "rng": list}
+
+
+def _check_fields(ckpt: dict, path: str) -> None:
+    for key, kind in _CHECKPOINT_FIELDS.items():
+        value = ckpt.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            what = "missing" if key not in ckpt else f"a {type(value).__name__}"
+            raise CheckpointError(f"{path} is damaged: its {key!r} is {what}, not of type {kind.__name__}")
+    spec = ckpt["model"]
+    if (spec.get("kind") not in MODEL_KINDS or not isinstance(spec.get("kwargs"), dict)
+            or not isinstance(spec.get("data_shape"), (list, tuple)) or len(spec["data_shape"]) != 3):
+        raise CheckpointError(f"{path} is damaged: its model {str(spec)[:200]} is not one flowkern train writes")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model_state"].items()):
+        raise CheckpointError(f"{path} is damaged: its model_state holds something other than named tensors")
+    digest = ckpt.get("model_sha256")  # absent in checkpoints written before it was kept
+    if digest is not None and state_hash(ckpt["model_state"]) != digest:
+        raise CheckpointError(f"{path} is damaged: its weights do not match the sha256 written with them")
 
 
 def load_model(ckpt: dict, device: torch.device) -> Tuple[flowkern.Flow, dict]:
     """The trained model of a checkpoint, on `device`, in eval mode, and its spec."""
     spec = ckpt["model"]
-    model = build_model(spec)
-    model.load_state_dict(ckpt["model_state"])
+    try:
+        model = build_model(spec)
+        model.load_state_dict(ckpt["model_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt.get('path', 'the checkpoint')} is damaged: its weights do not fit its model "
+                              f"({_first_line(e)})") from None
     return model.to(device).eval(), spec
+
+
+def _first_line(e: BaseException) -> str:
+    """The gist of an error: its first two non-empty lines (load_state_dict's name the tensor)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or type(e).__name__
 
 
 class MetricsLog:
@@ -843,9 +883,13 @@ class _Run:
         self.test_images = self.data.test if cfg["eval_limit"] is None else self.data.test[:cfg["eval_limit"]]
 
         if ckpt is not None:
-            model.load_state_dict(ckpt["model_state"])
-            self.opt.load_state_dict(ckpt["optimizer_state"])
-            self.sched.load_state_dict(ckpt["scheduler_state"])
+            try:
+                model.load_state_dict(ckpt["model_state"])
+                self.opt.load_state_dict(ckpt["optimizer_state"])
+                self.sched.load_state_dict(ckpt["scheduler_state"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"{ckpt['path']} is damaged: its state does not fit its model "
+                                      f"({_first_line(e)})") from None
             # --lr / --steps may change on resume: recompute the next step's rate from them (the
             # same value, bit for bit, when they did not change).
             self.sched.base_lrs = [cfg["lr"]] * len(self.opt.param_groups)
@@ -864,7 +908,11 @@ class _Run:
                     self.epoch, self.batch = self.epoch + 1, 0
                 torch.manual_seed(cfg["seed"] + _RANK_SEED * rt.rank + 1 + self.step)
             else:
-                set_rng_state(ckpt["rng"][rt.rank], device)
+                try:
+                    set_rng_state(ckpt["rng"][rt.rank], device)
+                except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+                    raise CheckpointError(f"{ckpt['path']} is damaged: its RNG states do not load "
+                                          f"({_first_line(e)})") from None
         else:
             self.step = self.epoch = self.batch = 0
             self.elapsed0, self.last_ckpt_step, rows = 0.0, None, []
@@ -962,7 +1010,7 @@ class _Run:
             payload = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "flowkern_version": flowkern.__version__, "torch_version": str(torch.__version__),
-                "model": self.spec, "model_state": self.model.state_dict(),
+                "model": self.spec, "model_state": self.model.state_dict(), "model_sha256": param_hash(self.model),
                 "optimizer_state": self.opt.state_dict(), "scheduler_state": self.sched.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total, "world_size": self.rt.world,

@@ -138,6 +138,18 @@ struct LogProductSum<float> {
   Vec logs{0.0f}, mantissas{1.0f};
   IVec exponents{0};
   int pending = 0;
+  // The int32 lanes hold at most kExponentFold exponents (|e| <= 126) before they are folded
+  // into an int64: a row of 2e8 elements would overflow them (and the int32 sum of the lanes).
+  static constexpr int64_t kExponentFold = int64_t(1) << 20;
+  int64_t exponent_total = 0, exponent_adds = 0;
+
+  void fold_exponents() {
+    alignas(64) int32_t lanes[IVec::size()];
+    exponents.store(lanes);
+    for (int i = 0; i < IVec::size(); ++i) exponent_total += lanes[i];
+    exponents = IVec(0);
+    exponent_adds = 0;
+  }
 
   void add(const Vec& p) {
     if ((p >= Vec(std::numeric_limits<float>::min())).zero_mask() != 0) {
@@ -146,6 +158,7 @@ struct LogProductSum<float> {
     }
     const IVec bits = at::vec::cast<int32_t>(p);
     exponents = exponents + ((bits >> IVec(23)) - IVec(127));
+    if (++exponent_adds == kExponentFold) fold_exponents();
     mantissas = mantissas * at::vec::cast<float>((bits & IVec(0x007FFFFF)) | IVec(0x3F800000));
     if (++pending == kLogGroup) flush();
   }
@@ -156,7 +169,8 @@ struct LogProductSum<float> {
   }
   double total() {
     flush();
-    return static_cast<double>(hsum(logs)) + static_cast<double>(hsum(exponents)) * kLn2;
+    fold_exponents();
+    return static_cast<double>(hsum(logs)) + static_cast<double>(exponent_total) * kLn2;
   }
 };
 

@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -53,7 +54,18 @@ def choice(name: str, value, options) -> None:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
 
+def flag(name: str, value) -> bool:
+    """A bool option (True/False, or an integer 0/1): a string such as "no" must not read as True."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def positive(name: str, value) -> float:
+    if isinstance(value, (str, bytes, bool)):  # float("2") would parse; True would read as 1
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         value = float(value)
     except (TypeError, ValueError):

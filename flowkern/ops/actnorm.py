@@ -131,7 +131,7 @@ def actnorm(
     _checks.per_channel("shift", shift, x)
     _checks.per_channel("log_scale", log_scale, x)
     logdet = _checks.running_logdet(logdet, x)
-    inverse = bool(inverse)
+    inverse = _checks.flag("inverse", inverse)
     impl = resolve_op(x.device, x.dtype, "actnorm_fwd")
     if impl == "reference":
         return actnorm_ref(x, shift, log_scale, inverse=inverse, logdet=logdet)

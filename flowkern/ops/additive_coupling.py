@@ -26,4 +26,4 @@ def additive_coupling(
     _checks.tensor("x", x)
     _checks.like("shift", shift, "x", x)
     logdet = _checks.running_logdet(logdet, x)
-    return additive_coupling_ref(x, shift, inverse=bool(inverse), logdet=logdet)
+    return additive_coupling_ref(x, shift, inverse=_checks.flag("inverse", inverse), logdet=logdet)

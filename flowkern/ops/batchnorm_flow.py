@@ -141,7 +141,7 @@ def batchnorm_flow(
     _check_params(x, mean=mean, var=var, log_gamma=log_gamma, beta=beta)
     eps = _checks.positive("eps", eps)
     logdet = _checks.running_logdet(logdet, x)
-    inverse = bool(inverse)
+    inverse = _checks.flag("inverse", inverse)
     impl = resolve_op(x.device, x.dtype, "batchnorm_flow_fwd")
     if impl == "reference":
         return batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, inverse=inverse, logdet=logdet)

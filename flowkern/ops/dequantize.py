@@ -122,8 +122,8 @@ def check_dtype(dtype) -> torch.dtype:
 
 
 def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool):
-        raise TypeError("alpha must be a number, got bool")
+    if isinstance(alpha, (bool, str, bytes)):  # float("0.1") would parse
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
@@ -196,7 +196,7 @@ def logit(
     _checks.tensor("v", v)
     alpha = check_alpha(alpha)
     logdet = _checks.running_logdet(logdet, v)
-    return logit_ref(v, alpha=alpha, inverse=bool(inverse), logdet=logdet)
+    return logit_ref(v, alpha=alpha, inverse=_checks.flag("inverse", inverse), logdet=logdet)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -97,7 +97,7 @@ def gaussian_nll(z: torch.Tensor, logdet: Optional[torch.Tensor] = None, *,
     """
     _checks.tensor("z", z)
     logdet = _checks.running_logdet(logdet, z)
-    bits = bool(bits_per_dim)
+    bits = _checks.flag("bits_per_dim", bits_per_dim)
     if bits and math.prod(z.shape[1:]) == 0:
         raise ValueError(f"bits_per_dim needs at least one element per row, got z of shape {tuple(z.shape)}")
     impl = resolve_op(z.device, z.dtype, "gaussian_nll_fwd")

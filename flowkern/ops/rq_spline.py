@@ -87,6 +87,7 @@ def rq_spline(
         raise TypeError(f"params must have the dtype of x ({x.dtype}), got {params.dtype}")
     if params.device != x.device:
         raise ValueError(f"params is on {params.device} but x is on {x.device}")
+    inverse = _checks.flag("inverse", inverse)
     logdet = _checks.running_logdet(logdet, x)
     impl = resolve(x.device)
     if impl == "compiled" and not _ext.has_op("rq_spline_fwd"):  # an extension built before the spline

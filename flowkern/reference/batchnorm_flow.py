@@ -74,6 +74,12 @@ def batchnorm_flow_train_ref(
     batchnorm_flow_ref(x, *batch_stats_ref(x), ...), differentiated through the statistics.
     Returns (out, logdet, mean, var) with mean and var detached; same signature and result as
     flowkern.ops.batchnorm_flow_train."""
-    mean, var = batch_stats_ref(x)
+    dims = (0,) + tuple(range(2, x.dim()))
+    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=dims, correction=0)
+    # The map uses the statistics rounded to x's dtype (batch_stats_ref's values), but the
+    # gradient flows through them in the compute dtype: in float16, d/dvar = -1 / (2 (var + eps))
+    # overflows for a constant channel (var = 0) and turned every input gradient into NaN.
+    mean = mean + (mean.to(x.dtype).to(mean.dtype) - mean).detach()
+    var = var + (var.to(x.dtype).to(var.dtype) - var).detach()
     out, ld = batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, logdet=logdet)
-    return out, ld, mean.detach(), var.detach()
+    return out, ld, mean.detach().to(x.dtype), var.detach().to(x.dtype)

@@ -126,9 +126,11 @@ def _dequantize(x: torch.Tensor, noise: Optional[torch.Tensor], generator: Optio
     s = (x.to(compute) + noise.to(compute)).to(dtype)
     # x + u rounds up to x + 1 when u is within half an ulp(x) of 1 (float32: u > 1 - 2^-17 for
     # x >= 128, which a 100k-pixel batch hits about once): clamp to the largest value below x + 1
-    # so quantize(dequantize(x)) == x always. Dividing by 256 is then exact.
+    # so quantize(dequantize(x)) == x always. Dividing by 256 is then exact. The clamp only
+    # absorbs rounding: it keeps ds/du = 1 (as the kernels' analytic backward), not a clamp's 0.
     top = x.to(dtype) + 1
-    s = torch.minimum(s, torch.nextafter(top, torch.zeros((), dtype=dtype, device=x.device)))
+    clamped = torch.minimum(s, torch.nextafter(top, torch.zeros((), dtype=dtype, device=x.device)))
+    s = s + (clamped - s).detach()
     return s / LEVELS
 
 

@@ -310,7 +310,8 @@ def _batch_stats_kernel(
     if LAST:
         k = tl.load(pivot_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
         d = s1 / n
-        var = tl.maximum(s2 / n - d * d, 0.0)
+        var = s2 / n - d * d
+        var = tl.where(var < 0.0, 0.0, var)  # clamps rounding; NaN (from NaN or inf in x) stays NaN
         tl.store(mean_ptr + cols, (k + d).to(mean_ptr.dtype.element_ty), mask=cmask)
         tl.store(var_ptr + cols, var.to(var_ptr.dtype.element_ty), mask=cmask)
     else:
