@@ -13,10 +13,10 @@ $(VENV)/.toolchain: Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install $(PIN) $(DEPS)
-	# nflows (the tests hold the spline to its numbers) and zuko: the benchmark's peers.
-	# --no-deps: they need nothing else to import what we use, and nflows' declared deps
-	# (matplotlib, tensorboard) are not ours.
-	$(VPY) -m pip install --no-deps nflows==0.14 zuko==1.6.0
+	# nflows (the tests hold the spline to its numbers), zuko and normflows: the benchmark's peers.
+	# --no-deps: they need nothing else to import what we use (normflows: torch and numpy), and
+	# nflows' declared deps (matplotlib, tensorboard) are not ours.
+	$(VPY) -m pip install --no-deps nflows==0.14 zuko==1.6.0 normflows==1.7.3
 	touch $@
 
 venv: $(VENV)/.toolchain

@@ -1,38 +1,41 @@
-"""A PNG bar chart of the training throughput (img/s per implementation, one group per model),
-drawn with Pillow (torchvision's dependency; no matplotlib here)."""
+"""A PNG bar chart of the end-to-end throughput (img/s per implementation, one group per
+model; training steps, then sampling), drawn with Pillow (torchvision's dependency; no
+matplotlib here)."""
 from __future__ import annotations
 
 from typing import Optional
 
 COLOURS = {"eager": (150, 150, 150), "compile": (100, 100, 100), "flowkern": (31, 119, 180),
-           "flowkern+compile": (23, 190, 207), "nflows": (255, 127, 14), "zuko": (44, 160, 44),
-           "normflows": (214, 39, 40)}
+           "flowkern+compile": (23, 190, 207), "flowkern-triton": (148, 103, 189), "nflows": (255, 127, 14),
+           "zuko": (44, 160, 44), "normflows": (214, 39, 40)}
+SECTIONS = {"train": "training step", "realnvp_train": "training step", "sample": "sampling"}
 
 
 def training_chart(rows: list, path: str, title: str) -> Optional[str]:
-    """Writes the chart of the realnvp_train rows to `path`; None (nothing written) when there
-    are none or Pillow is missing."""
-    rows = [r for r in rows if r.suite == "realnvp_train" and "img/s" in r.extra]
+    """Writes the chart of the end-to-end rows (suites train and sample) to `path`; None
+    (nothing written) when there are none or Pillow is missing."""
+    rows = [r for r in rows if r.suite in SECTIONS and "img/s" in r.extra]
     try:
         from PIL import Image, ImageDraw
     except ImportError:
         return None
     if not rows:
         return None
-    cases = list(dict.fromkeys(r.case for r in rows))
-    bar_h, gap, left, right, top = 16, 14, 330, 230, 40
-    height = top + sum(sum(r.case == c for r in rows) * bar_h + gap + 18 for c in cases) + 10
+    groups = list(dict.fromkeys((r.suite, r.case) for r in rows))
+    bar_h, gap, left, right, top = 16, 14, 330, 250, 40
+    height = top + sum(sum((r.suite, r.case) == g for r in rows) * bar_h + gap + 18 for g in groups) + 10
     width = 1000
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 10), title, fill="black")
-    top_speed = max(r.extra["img/s"] for r in rows)
-    scale = (width - left - right) / top_speed
     y = top
-    for case in cases:
-        draw.text((10, y), case, fill="black")
+    for suite, case in groups:
+        group = [r for r in rows if (r.suite, r.case) == (suite, case)]
+        # One scale per group: models differ by orders of magnitude, the bars compare implementations.
+        scale = (width - left - right) / max(r.extra["img/s"] for r in group)
+        draw.text((10, y), f"{case}: {SECTIONS[suite]}", fill="black")
         y += 18
-        for r in (r for r in rows if r.case == case):
+        for r in group:
             speed = r.extra["img/s"]
             draw.text((left - 130, y + 2), r.impl, fill="black")
             draw.rectangle([left, y, left + max(1, int(speed * scale)), y + bar_h - 3],

@@ -44,6 +44,33 @@ def median_time(fn: Callable[[], object], device: str = "cpu", budget_s: float =
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device: str = "cpu", budget_s: float = 0.3, warmup: int = 3,
+                        min_turns: int = 5, max_turns: int = 2000) -> dict:
+    """Median seconds per call of each fn in fns (name -> (fn, flowkern backend to run it
+    under)), after `warmup` calls each. The calls are interleaved, one of each implementation
+    in turn, as many turns as fit in about budget_s per implementation: a slow spell of this
+    shared machine hits every implementation alike instead of whichever happened to run then."""
+    import flowkern  # not at import: common describes machines without the extension too
+
+    def timed(fn, backend):
+        with flowkern.backend(backend):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            return time.perf_counter() - t0
+
+    for fn, backend in fns.values():
+        for _ in range(warmup):
+            timed(fn, backend)
+    once = sum(timed(fn, backend) for fn, backend in fns.values())
+    turns = int(min(max_turns, max(min_turns, budget_s * len(fns) / max(once, 1e-7))))
+    times = {name: [] for name in fns}
+    for _ in range(turns):
+        for name, (fn, backend) in fns.items():
+            times[name].append(timed(fn, backend))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -116,7 +143,18 @@ def markdown_table(header: list[str], body: list[list[object]]) -> str:
 
 
 def compiled(fn: Callable, **kwargs) -> Optional[Callable]:
-    """torch.compile(fn), or None where inductor cannot build here (no C++ compiler, say)."""
+    """torch.compile(fn), or None where inductor cannot build here (no C++ compiler, say).
+
+    A suite calls one compiled op with many sizes, flags and directions: past dynamo's
+    recompile limit (8 per function) it would silently run the rest eagerly under the name
+    "compile", so the limit is raised."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+    except (ImportError, AttributeError):
+        pass
     try:
         return torch.compile(fn, **kwargs)
     except Exception:  # noqa: BLE001 - an unusable compiler is a missing column, not a crash

@@ -1,6 +1,7 @@
 """Per-op speed: flowkern's kernels vs the eager reference vs torch.compile(reference),
-with effective bandwidth against clone() of the same bytes in the same run (the roofline of
-these memory-bound ops)."""
+forward, inverse (where the op has one; --quick: the couplings' only, the sampling path) and
+forward+backward, with effective bandwidth against clone() of the same bytes in the same run
+(the roofline of these memory-bound ops)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,14 +9,14 @@ from typing import Callable
 import torch
 
 import flowkern
-from flowkern.ops import (actnorm, affine_coupling, batchnorm_flow_train, dequantize_logit, gaussian_nll,
-                          rq_spline)
+from flowkern.ops import (actnorm, affine_coupling, batchnorm_flow_train, dequantize_logit,
+                          dequantize_logit_inverse, gaussian_nll, rq_spline)
 from flowkern.reference import actnorm_ref, affine_coupling_ref, rq_spline_ref
 from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
-from flowkern.reference.dequantize import dequantize_logit_ref
+from flowkern.reference.dequantize import dequantize_logit_inverse_ref, dequantize_logit_ref
 from flowkern.reference.gaussian_nll import gaussian_nll_ref
 
-from .common import Row, compiled, markdown_table, median_time
+from .common import Row, compiled, interleaved_medians, markdown_table, median_time
 
 
 def implementations(device: str, op: Callable, ref: Callable) -> dict[str, tuple[Callable, str]]:
@@ -36,20 +37,21 @@ def implementations(device: str, op: Callable, ref: Callable) -> dict[str, tuple
 def _compare(suite: str, case: str, impls: dict, call: Callable, inputs: list, grads: tuple, backward: bool,
              device: str, budget_s: float, moved: int, clone_gbs: float) -> tuple[list[Row], list[list]]:
     """Times call(fn, *inputs) for every implementation (forward only, or forward plus
-    autograd.grad of every floating input) and returns result rows and table lines with ratios."""
-    times = {}
+    autograd.grad of every floating input), interleaved, and returns result rows and table
+    lines with ratios."""
+    runs = {}
     for name, (fn, backend) in impls.items():
-        with flowkern.backend(backend):
-            if backward:
-                args = [a.clone().requires_grad_() if a.is_floating_point() else a for a in inputs]
-                leaves = [a for a in args if a.requires_grad]
+        if backward:
+            args = [a.clone().requires_grad_() if a.is_floating_point() else a for a in inputs]
+            leaves = [a for a in args if a.requires_grad]
 
-                def run(fn=fn, args=args, leaves=leaves):
-                    return torch.autograd.grad(call(fn, *args), leaves, grads)
-            else:
-                def run(fn=fn):
-                    return call(fn, *inputs)
-            times[name] = median_time(run, device, budget_s)
+            def run(fn=fn, args=args, leaves=leaves):
+                return torch.autograd.grad(call(fn, *args), leaves, grads)
+        else:
+            def run(fn=fn):
+                return call(fn, *inputs)
+        runs[name] = (run, backend)
+    times = interleaved_medians(runs, device, budget_s)
     rows, body = [], []
     for name, sec in times.items():
         gbs = moved / sec / 1e9
@@ -64,6 +66,7 @@ def _compare(suite: str, case: str, impls: dict, call: Callable, inputs: list, g
 
 
 HEADER = ["case", "impl", "median us", "x eager", "x compile", "x nflows", "GB/s", "of clone"]
+DIRECTIONS = ("fwd", "inv", "fwd+bwd")
 
 
 def _clone_roofline(x: torch.Tensor, device: str, budget_s: float) -> float:
@@ -85,10 +88,12 @@ def affine_coupling_suite(device: str, quick: bool, budget_s: float) -> tuple[li
         clone_gbs = _clone_roofline(x, device, budget_s)
         rows.append(Row("affine_coupling", f"B={b} D={d}", "clone", 0.0, {"GB/s": clone_gbs}))
         for scale in scales:
-            for backward in (False, True):
-                case = f"B={b} D={d} {scale} {'fwd+bwd' if backward else 'fwd'}"
+            for direction in DIRECTIONS:
+                backward, inverse = direction == "fwd+bwd", direction == "inv"
+                case = f"B={b} D={d} {scale} {direction}"
                 moved = (9 if backward else 4) * x.numel() * x.element_size()  # the fused kernels' traffic
-                r, lines = _compare("affine_coupling", case, impls, lambda fn, *a: fn(*a, scale=scale), [x, t, s],
+                r, lines = _compare("affine_coupling", case, impls,
+                                    lambda fn, *a: fn(*a, scale=scale, inverse=inverse), [x, t, s],
                                     (gy, gl), backward, device, budget_s, moved, clone_gbs)
                 rows += r
                 body += lines
@@ -139,11 +144,13 @@ def rq_spline_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row
         params = torch.randn(b, d, 3 * bins - 1, generator=gen).to(device)
         gy, gl = torch.randn(b, d, generator=gen).to(device), torch.randn(b, generator=gen).to(device)
         clone_gbs = _clone_roofline(params, device, budget_s)
-        for backward in (False, True):
-            case = f"B={b} D={d} K={bins} {'fwd+bwd' if backward else 'fwd'}"
+        for direction in DIRECTIONS:
+            backward, inverse = direction == "fwd+bwd", direction == "inv"
+            case = f"B={b} D={d} K={bins} {direction}"
             p_bytes, x_bytes = params.numel() * params.element_size(), x.numel() * x.element_size()
             moved = (2 * p_bytes + 5 * x_bytes) if backward else (p_bytes + 2 * x_bytes)
-            r, lines = _compare("rq_spline", case, impls, lambda fn, *a: fn(*a, bins=bins, bound=bound), [x, params],
+            r, lines = _compare("rq_spline", case, impls,
+                                lambda fn, *a: fn(*a, bins=bins, bound=bound, inverse=inverse), [x, params],
                                 (gy, gl), backward, device, budget_s, moved, clone_gbs)
             rows += r
             body += lines
@@ -176,16 +183,20 @@ def _mnist_shapes(device: str, quick: bool) -> list[tuple[int, ...]]:
 
 
 def _suite(suite: str, title: str, device: str, budget_s: float, impls: dict,
-           cases: list[tuple[str, Callable, list, tuple, int, torch.Tensor]]) -> tuple[list[Row], str]:
-    """cases: (case, call(fn, *inputs), inputs, output grads, bytes moved by fwd+bwd, a tensor of
-    x's size for the clone roofline). Each case runs forward, then forward+backward."""
+           cases: list[tuple[str, Callable, list, tuple, int, torch.Tensor]], inverse: bool = False
+           ) -> tuple[list[Row], str]:
+    """cases: (case, call(fn, *inputs, **flags), inputs, output grads, bytes moved by fwd+bwd, a
+    tensor of x's size for the clone roofline). Each case runs forward, inverse (call with
+    inverse=True) when `inverse`, then forward+backward."""
     rows, body = [], []
     for case, call, inputs, grads, moved, like in cases:
         clone_gbs = _clone_roofline(like, device, budget_s)
-        for backward in (False, True):
-            label = f"{case} {'fwd+bwd' if backward else 'fwd'}"
+        for direction in DIRECTIONS if inverse else ("fwd", "fwd+bwd"):
+            backward = direction == "fwd+bwd"
+            label = f"{case} {direction}"
             nbytes = moved if backward else moved // 2
-            r, lines = _compare(suite, label, impls, call, inputs, grads, backward, device, budget_s, nbytes,
+            run = (lambda fn, *a, call=call: call(fn, *a, inverse=True)) if direction == "inv" else call
+            r, lines = _compare(suite, label, impls, run, inputs, grads, backward, device, budget_s, nbytes,
                                 clone_gbs)
             rows += r
             body += lines
@@ -210,13 +221,14 @@ def _channel_cases(device: str, quick: bool, call: Callable, passes: int) -> lis
 
 
 def actnorm_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
-    cases = _channel_cases(device, quick, lambda fn, *a: fn(*a), 5)  # a = (x, shift, log_scale)
+    cases = _channel_cases(device, quick, lambda fn, *a, **kw: fn(*a, **kw), 5)  # a = (x, shift, log_scale)
     return _suite("actnorm", "actnorm (float32; fwd+bwd includes the shift and log-scale gradients)", device,
-                  budget_s, implementations(device, actnorm, actnorm_ref), cases)
+                  budget_s, implementations(device, actnorm, actnorm_ref), cases, inverse=not quick)
 
 
 def batchnorm_flow_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
-    """Training mode: batch statistics, normalisation and log-det, gradients through the statistics."""
+    """Training mode: batch statistics, normalisation and log-det, gradients through the statistics
+    (no inverse: sampling runs batchnorm_flow with the running statistics, an actnorm-like pass)."""
     def train(fn, *a):  # a = (x, log_gamma, beta); (out, logdet) of (out, logdet, mean, var)
         out, ld = fn(*a)[:2]
         return out, ld
@@ -232,6 +244,7 @@ def dequantize_logit_suite(device: str, quick: bool, budget_s: float) -> tuple[l
     kernel from a seed; reference: the same counter-based noise in torch ops); fwd+bwd: given
     noise that needs its gradient (variational dequantization)."""
     impls = implementations(device, dequantize_logit, dequantize_logit_ref)
+    inv_impls = implementations(device, dequantize_logit_inverse, dequantize_logit_inverse_ref)
     rows, body = [], []
     for shape in _mnist_shapes(device, quick)[:1] + ([(1024, 784)] if not quick else []):
         gen = torch.Generator().manual_seed(0)
@@ -249,7 +262,15 @@ def dequantize_logit_suite(device: str, quick: bool, budget_s: float) -> tuple[l
                             clone_gbs)
         rows += r
         body += lines
-    title = "dequantize_logit (uint8 in, float32 out; GB/s counts 1 byte per pixel in, 4 out)"
+        if quick:
+            continue
+        logits = (3 * torch.randn(shape, generator=gen)).to(device)
+        r, lines = _compare("dequantize_logit", f"{_shape_name(shape)} inv (dequantize_logit_inverse)", inv_impls,
+                            lambda fn, y: fn(y), [logits], (), False, device, budget_s, 8 * n, clone_gbs)
+        rows += r
+        body += lines
+    title = ("dequantize_logit (uint8 in, float32 out; GB/s counts 1 byte per pixel in, 4 out; the inverse, "
+             "--full only, reads float32 logits and writes float32 pixel values)")
     return rows, f"### {title}\n\n" + markdown_table(HEADER, body)
 
 

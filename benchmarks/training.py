@@ -1,54 +1,188 @@
-"""End-to-end: img/s of a full RealNVP training step (forward, backward, AdamW) on
-MNIST-shaped data, and the bytes autograd saves for its backward, for each implementation:
-same model, data and batch."""
+"""End-to-end: a full training step (forward, backward, AdamW) and sampling, in img/s, with
+the memory a step takes, for models.RealNVP (affine and spline couplings) and models.Glow.
+
+Every implementation builds the same model in one place (build_model): flowkern on each of its
+backends here, the eager reference, torch.compile(reference), and the peers (nflows, zuko,
+normflows; benchmarks/peers.py) where they have the architecture. All train on the same batch:
+MNIST from --root when it is there, else MNIST-shaped synthetic digits (load_images), and the
+tables say which.
+"""
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import flowkern
-from flowkern.models import RealNVP
+from flowkern import data as fkdata
+from flowkern.models import Glow, RealNVP
 
-from .common import Row, markdown_table, median_time
+from .common import Row, interleaved_medians, markdown_table, sync
 from .kernels import saved_bytes
-from .peers import PEERS
+from .peers import GLOW_PEERS, PEERS
+
+# The peers' own warnings, once per model, about nothing this benchmark can change.
+warnings.filterwarnings("ignore", message="Inputs to the softmax are not scaled down")
+warnings.filterwarnings("ignore", message=r"torch\.lu is deprecated")
 
 ALPHA = 1e-6  # logit-space squeeze of the dequantized pixels, as in RealNVP
+IMAGE_SHAPE = (1, 28, 28)
+
+
+# ------------------------------------------------------------------------------------- data
+
+@functools.lru_cache(maxsize=4)
+def load_images(n: int, root: Optional[str] = None) -> tuple[torch.Tensor, str]:
+    """(the first n training images, uint8 (n, 1, 28, 28); what they are, for the tables).
+
+    root: a folder holding MNIST as `flowkern train --data mnist --root DIR` finds it
+    (DIR/MNIST/raw/ or DIR itself) or as --data idx:DIR takes it; without one, or when it
+    holds no MNIST, flowkern.data.synthetic_digits (the same images in every run)."""
+    why = ""
+    if root is not None:
+        for spec in ("mnist", f"idx:{root}"):
+            try:
+                images = fkdata.load(spec, root=root).train
+            except (fkdata.MissingDataset, fkdata.DataError, OSError) as e:
+                why = str(e).splitlines()[0]
+                continue
+            if tuple(images.shape[1:]) == IMAGE_SHAPE and len(images) >= n:
+                return images[:n].contiguous(), f"MNIST from {root}"
+            why = f"{root}: images {tuple(images.shape)}, need {n} of {IMAGE_SHAPE}"
+    desc = "MNIST-shaped synthetic digits (flowkern.data.synthetic_digits)"
+    return fkdata.synthetic_digits(n), desc + (f"; no usable MNIST under --root ({why})" if root else "")
+
+
+def logits(pixels: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """uint8 pixels dequantized with fixed noise and logit-transformed (float32): the input of
+    the models built without their dequantize layer (and of the peers)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (pixels.double() + torch.rand(pixels.shape, generator=g, dtype=torch.float64)) / 256.0
+    x = ALPHA + (1 - 2 * ALPHA) * x
+    return torch.log(x / (1 - x)).float()
 
 
 def mnist_like_pixels(batch: int, device: str, seed: int = 0) -> torch.Tensor:
-    """uint8 (batch, 784) MNIST-shaped synthetic digits: a dark background with bright strokes
-    in the middle, so the statistics resemble MNIST's."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    centre = torch.exp(-((yy - 14) ** 2 + (xx - 14) ** 2) / 60.0)
-    bright = torch.rand(batch, 28, 28, generator=g) < centre * 0.6
-    pixels = torch.where(bright, torch.randint(128, 256, (batch, 28, 28), generator=g), 0)
-    return pixels.to(torch.uint8).reshape(batch, 784).to(device)
+    """uint8 (batch, 784) synthetic digits (for scripts profiling a step)."""
+    return fkdata.synthetic_digits(batch, seed=seed).reshape(batch, 784).to(device)
 
 
 def mnist_like_batch(batch: int, device: str, seed: int = 0) -> torch.Tensor:
-    """mnist_like_pixels dequantized and logit-transformed (float32), for models that take
-    real-valued data."""
-    pixels = mnist_like_pixels(batch, "cpu", seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = (pixels.double() + torch.rand(pixels.shape, generator=g, dtype=torch.float64)) / 256.0
-    x = ALPHA + (1 - 2 * ALPHA) * x
-    return torch.log(x / (1 - x)).float().to(device)
+    """mnist_like_pixels dequantized and logit-transformed (float32)."""
+    return logits(mnist_like_pixels(batch, "cpu", seed), seed + 1).to(device)
 
 
-# (coupling, norm, layers, hidden, batch) per mode. "pixels" models start with the fused
-# dequantize + logit layer and take uint8 batches; the others take logits. The spline
-# conditioner's output is 23x wider, so quick mode trains a smaller spline model.
+# ------------------------------------------------------------------------------------ models
+
+@dataclass(frozen=True)
+class Config:
+    """One model and batch. RealNVP: `layers` couplings; with a norm it takes uint8 pixels through
+    its fused dequantize layer (flowkern only: the peers have no such layer), else logits.
+    Glow: `levels` levels of `layers` steps, on logits (1, 28, 28). compile: whether the
+    torch.compile implementations run (inductor takes ~30 s to build Glow on this CPU)."""
+    model: str
+    coupling: str = "affine"
+    norm: Optional[str] = None
+    layers: int = 8
+    hidden: int = 512
+    batch: int = 256
+    levels: int = 2
+    compile: bool = True
+
+    @property
+    def pixels(self) -> bool:
+        return self.model == "realnvp" and self.norm is not None
+
+    @property
+    def peers(self) -> dict:
+        if self.model == "glow":
+            return GLOW_PEERS
+        return {} if self.norm is not None else PEERS
+
+    @property
+    def name(self) -> str:
+        if self.model == "glow":
+            return f"Glow {self.levels}x{self.layers} steps H={self.hidden} B={self.batch}"
+        norm = f"+{self.norm} (uint8 in)" if self.norm else ""
+        return f"RealNVP {self.coupling}{norm} L={self.layers} H={self.hidden} B={self.batch}"
+
+
+# The spline conditioner's output is 23x wider and Glow is convolution-bound on a CPU, so quick
+# mode trains smaller ones, and compiles only the two peer-comparable RealNVPs (inductor takes
+# 5 to 30 s per model here).
 CONFIGS = {
-    "quick": [("affine", None, 8, 512, 256), ("affine", "actnorm", 8, 128, 256), ("spline", None, 4, 256, 128)],
-    "full": [("affine", None, 8, 512, 256), ("affine", "actnorm", 8, 512, 256), ("affine", "actnorm", 8, 128, 256),
-             ("affine", "batchnorm", 8, 128, 256), ("spline", None, 8, 512, 256)],
+    "quick": [Config("realnvp", "affine", None, 8, 512, 256), Config("realnvp", "spline", None, 4, 256, 128),
+              Config("realnvp", "affine", "actnorm", 8, 128, 256, compile=False),
+              Config("glow", layers=2, hidden=32, batch=32, compile=False)],
+    "full": [Config("realnvp", "affine", None, 8, 512, 256), Config("realnvp", "affine", "actnorm", 8, 512, 256),
+             Config("realnvp", "affine", "actnorm", 8, 128, 256), Config("realnvp", "affine", "batchnorm", 8, 128, 256),
+             Config("realnvp", "spline", None, 8, 512, 256), Config("glow", layers=8, hidden=128, batch=64)],
+}
+CUDA_CONFIGS = {  # a GPU needs bigger batches to be busy
+    "quick": [Config("realnvp", "affine", None, 8, 512, 1024), Config("realnvp", "spline", None, 8, 512, 1024),
+              Config("realnvp", "affine", "actnorm", 8, 512, 1024),
+              Config("glow", layers=8, hidden=128, batch=256, compile=False)],
 }
 
 
-ROUNDS = 3  # implementations are timed in turn, ROUNDS times; each keeps its best round's median
+def configs(device: str, quick: bool) -> list[Config]:
+    mode = "quick" if quick else "full"
+    return CUDA_CONFIGS.get(mode, CONFIGS[mode]) if device == "cuda" else CONFIGS[mode]
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    backend: str = "reference"  # the flowkern backend it runs under
+    compile: bool = False
+    peer: Optional[Callable] = None
+
+
+def implementations(device: str, cfg: Config, with_compile: bool = True) -> list[Impl]:
+    """Eager and compiled reference, flowkern on every kernel backend for this device (and
+    compiled), then the peers that have this model."""
+    avail = flowkern.available_backends()
+    native = "cpu" if device == "cpu" else "cuda"
+    with_compile = with_compile and cfg.compile
+    impls = [Impl("eager")] + ([Impl("compile", compile=True)] if with_compile else [])
+    if native in avail:
+        impls.append(Impl("flowkern", native))
+        if with_compile:
+            impls.append(Impl("flowkern+compile", native, True))
+    if device == "cuda" and "triton" in avail:
+        impls.append(Impl("flowkern-triton", "triton"))
+    return impls + [Impl(name, peer=builder) for name, builder in cfg.peers.items()]
+
+
+def build_model(impl: Impl, cfg: Config, device: str) -> Optional[torch.nn.Module]:
+    """The model of `cfg` as `impl` builds it (None: the peer is not installed)."""
+    torch.manual_seed(0)
+    if impl.peer is not None:
+        if cfg.model == "glow":
+            model = impl.peer(IMAGE_SHAPE, cfg.levels, cfg.layers, cfg.hidden)
+        else:
+            model = impl.peer(784, cfg.layers, cfg.hidden, cfg.coupling)
+    elif cfg.model == "glow":
+        model = Glow(IMAGE_SHAPE, levels=cfg.levels, steps=cfg.layers, hidden=cfg.hidden)
+    else:
+        model = RealNVP(784, layers=cfg.layers, hidden=cfg.hidden, coupling=cfg.coupling, norm=cfg.norm,
+                        dequantize=cfg.pixels)
+    return None if model is None else model.to(device)
+
+
+def model_input(cfg: Config, images: torch.Tensor, device: str) -> torch.Tensor:
+    """The batch every implementation of `cfg` trains on."""
+    x = images[: cfg.batch]
+    if not cfg.pixels:
+        x = logits(x)
+    return (x if cfg.model == "glow" else x.reshape(cfg.batch, 784)).to(device)
 
 
 def _optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
@@ -60,35 +194,91 @@ def _optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
 
-def realnvp_train_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row], str]:
-    impls = [("eager", "reference", False), ("compile", "reference", True), ("flowkern", "auto", False),
-             ("flowkern+compile", "auto", True)]
-    rows, body = [], []
-    for coupling, norm, layers, hidden, batch in CONFIGS["quick" if quick else "full"]:
-        pixels = norm is not None  # the normalised models train end to end from uint8 pixels
-        x = mnist_like_pixels(batch, device) if pixels else mnist_like_batch(batch, device)
-        case = f"{coupling}{'+' + norm + ' (uint8 in)' if norm else ''} L={layers} H={hidden} B={batch}"
-        steps, saved = {}, {}
-        # The peers build the same model (no norm layers, logits in): those configurations only.
-        peers = [] if norm is not None else [(name, "reference", False) for name in PEERS]
-        for name, backend, use_compile in impls + peers:
-            torch.manual_seed(0)
-            if name in PEERS:
-                model = PEERS[name](784, layers, hidden, coupling)
-                if model is None:
-                    continue
-                model = model.to(device)
-            else:
-                model = RealNVP(784, layers=layers, hidden=hidden, coupling=coupling, norm=norm,
-                                dequantize=pixels).to(device)
-            with torch.no_grad(), flowkern.backend(backend):
+# ---------------------------------------------------------------------------------- measuring
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created while the mode is on and still alive; `peak` is the
+    most at once. Sees the output of every op (kernel-internal scratch is not a tensor it sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._refs.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = id(storage)  # storages keep their Python object while alive
+                if key not in self._refs:
+                    n = storage.nbytes()
+                    self._refs[key] = weakref.ref(storage, lambda _, key=key, n=n: self._freed(key, n))
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def step_peak_bytes(step: Callable[[], object], device: str) -> Optional[int]:
+    """The most tensor bytes live at once during step() beyond those live before it (the
+    model, optimizer state and batch): CUDA from the caching allocator's statistics, CPU by
+    following every op's output (None when the step cannot run under a dispatch mode:
+    torch.compile refuses them)."""
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with _LiveTensorBytes() as mode:
+            step()
+    except Exception:  # noqa: BLE001 - a compiled step under a dispatch mode: a missing number
+        return None
+    return mode.peak
+
+
+def _time_interleaved(fns: dict[str, tuple[Callable, str]], device: str, budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each (already warm) fn, interleaved: common.interleaved_medians."""
+    return interleaved_medians(fns, device, budget_s, warmup=0, max_turns=40)
+
+
+def _ratios(times: dict[str, float], peers: dict) -> tuple[dict[str, float], Optional[float]]:
+    best_peer = min((times[p] for p in peers if p in times), default=None)
+    return {name: times["eager"] / sec for name, sec in times.items()}, best_peer
+
+
+def _mb(nbytes: Optional[float]) -> object:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+# ------------------------------------------------------------------------------------- suites
+
+def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] = None) -> tuple[list[Row], str]:
+    """img/s of a full training step, bytes autograd saves, peak bytes of a step."""
+    cfgs = configs(device, quick)
+    images, source = load_images(max(c.batch for c in cfgs), root)
+    rows, body, skipped = [], [], []
+    for cfg in cfgs:
+        x = model_input(cfg, images, device)
+        steps, saved, peak = {}, {}, {}
+        for impl in implementations(device, cfg):
+            model = build_model(impl, cfg, device)
+            if model is None:
+                continue
+            with torch.no_grad(), flowkern.backend(impl.backend):
                 model.log_prob(x)  # ActNorm's data-dependent initialisation, eagerly
             opt = _optimizer(model, device)
 
             def loss_fn(v, model=model):
                 return -model.log_prob(v).mean()
 
-            step_loss = torch.compile(loss_fn, fullgraph=True, dynamic=False) if use_compile else loss_fn
+            step_loss = torch.compile(loss_fn, fullgraph=True, dynamic=False) if impl.compile else loss_fn
 
             def step(opt=opt, step_loss=step_loss):
                 opt.zero_grad(set_to_none=True)
@@ -97,28 +287,93 @@ def realnvp_train_suite(device: str, quick: bool, budget_s: float) -> tuple[list
                 opt.step()
                 return loss
 
-            with flowkern.backend(backend):
-                loss = float(step().detach())  # compile / warm up outside the timing
-                saved[name] = None if use_compile else saved_bytes(lambda: loss_fn(x)) / 2**20
-            if not math.isfinite(loss):
-                raise RuntimeError(f"{name}: non-finite loss {loss}")
-            steps[name] = (step, backend)
-        # In turn, several rounds: a slow spell of this shared machine hits every implementation
-        # alike instead of whichever happened to run then.
-        times = {name: float("inf") for name in steps}
-        for _ in range(ROUNDS):
-            for name, (step, backend) in steps.items():
-                with flowkern.backend(backend):
-                    times[name] = min(times[name], median_time(step, device, budget_s * 2, min_reps=3, max_reps=30))
-        best_peer = min((times[p] for p in PEERS if p in times), default=None)
+            with flowkern.backend(impl.backend):
+                try:
+                    loss = float(step().detach())  # compile / warm up outside the timing
+                except Exception as e:  # noqa: BLE001 - no C++ compiler for inductor, say
+                    if not impl.compile:
+                        raise
+                    skipped.append(f"{impl.name} on {cfg.name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    continue
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"{impl.name} on {cfg.name}: non-finite loss {loss}")
+                saved[impl.name] = None if impl.compile else saved_bytes(lambda: loss_fn(x))
+                # On the CPU a compiled step cannot run under the dispatch mode that follows the bytes.
+                peak[impl.name] = None if impl.compile and device != "cuda" else step_peak_bytes(step, device)
+            steps[impl.name] = (step, impl.backend)
+        times = _time_interleaved(steps, device, budget_s * (1 if quick else 2))
+        vs_eager, best_peer = _ratios(times, cfg.peers)
         for name, sec in times.items():
             vs_peer = None if best_peer is None else best_peer / sec
-            rows.append(Row("realnvp_train", case, name, sec * 1e6,
-                            {"img/s": batch / sec, "saved_MB": saved[name], "vs_eager": times["eager"] / sec,
-                             "vs_best_peer": vs_peer}))
-            body.append([case, name, sec * 1e3, batch / sec, times["eager"] / sec,
-                         "-" if vs_peer is None else vs_peer, "-" if saved[name] is None else f"{saved[name]:.0f}"])
-    table = ("### RealNVP training step (MNIST-shaped synthetic data, fused AdamW; x eager = speed-up over the "
-             "reference backend; x best peer = over the fastest of nflows/zuko/normflows building the same model; saved MB = what autograd keeps for the backward)\n\n"
-             + markdown_table(["model", "impl", "ms/step", "img/s", "x eager", "x best peer", "saved MB"], body))
+            rows.append(Row("train", cfg.name, name, sec * 1e6,
+                            {"img/s": cfg.batch / sec, "vs_eager": vs_eager[name], "vs_best_peer": vs_peer,
+                             "saved_MB": None if saved[name] is None else saved[name] / 2**20,
+                             "peak_MB": None if peak[name] is None else peak[name] / 2**20, "data": source}))
+            body.append([cfg.name, name, sec * 1e3, cfg.batch / sec, vs_eager[name],
+                         "-" if vs_peer is None else vs_peer, _mb(saved[name]), _mb(peak[name])])
+    peak_how = ("torch.cuda.max_memory_allocated" if device == "cuda" else
+                "every op's output followed by a TorchDispatchMode; '-' under torch.compile, which refuses one")
+    table = (f"### Training step: forward, backward, fused AdamW ({source})\n\n"
+             "x eager = speed-up over the reference backend; x best peer = over the fastest of the peers "
+             f"({', '.join(sorted(set(PEERS) | set(GLOW_PEERS)))}) building the same model, '-' where none has it; "
+             "saved MB = tensors autograd keeps for the backward ('-' under torch.compile, whose graph keeps its "
+             "own); peak MB = most tensor bytes live at once during one step beyond the model, optimizer state "
+             f"and batch ({peak_how}).\n\n"
+             + markdown_table(["model", "impl", "ms/step", "img/s", "x eager", "x best peer", "saved MB", "peak MB"],
+                              body))
+    if skipped:
+        table += "\n\nNot run: " + "; ".join(skipped)
     return rows, table
+
+
+def sample_suite(device: str, quick: bool, budget_s: float, root: Optional[str] = None) -> tuple[list[Row], str]:
+    """img/s of model.sample(batch): base draws and the inverse pass, without gradients."""
+    cfgs = configs(device, quick)
+    images, source = load_images(max(c.batch for c in cfgs), root)
+    rows, body, skipped = [], [], []
+    for cfg in cfgs:
+        x = model_input(cfg, images, device)
+        fns = {}
+        # torch.compile of the inverse pass takes inductor 5 to 15 s per model here: --full only.
+        for impl in implementations(device, cfg, with_compile=not quick):
+            model = build_model(impl, cfg, device)
+            if model is None:
+                continue
+            with torch.no_grad(), flowkern.backend(impl.backend):
+                model.log_prob(x)  # ActNorm's data-dependent initialisation, as a trained model has it
+
+            def sample(model=model, n=cfg.batch):
+                with torch.no_grad():
+                    return model.sample(n)
+
+            fn = torch.compile(sample, fullgraph=True, dynamic=False) if impl.compile else sample
+            with flowkern.backend(impl.backend):
+                try:
+                    out = fn()  # compile / warm up outside the timing
+                except Exception as e:  # noqa: BLE001
+                    if not impl.compile:
+                        raise
+                    skipped.append(f"{impl.name} on {cfg.name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                    continue
+            if out.shape[0] != cfg.batch or out.numel() != cfg.batch * 784:
+                raise RuntimeError(f"{impl.name} on {cfg.name}: sample shape {tuple(out.shape)}")
+            fns[impl.name] = (fn, impl.backend)
+        times = _time_interleaved(fns, device, budget_s * (1 if quick else 2))
+        vs_eager, best_peer = _ratios(times, cfg.peers)
+        for name, sec in times.items():
+            vs_peer = None if best_peer is None else best_peer / sec
+            rows.append(Row("sample", cfg.name, name, sec * 1e6,
+                            {"img/s": cfg.batch / sec, "vs_eager": vs_eager[name], "vs_best_peer": vs_peer}))
+            body.append([cfg.name, name, sec * 1e3, cfg.batch / sec, vs_eager[name], "-" if vs_peer is None else vs_peer])
+    table = ("### Sampling: model.sample(B), the inverse pass without gradients (untrained weights; pixel models "
+             "end in their quantize layer)\n\nx eager = speed-up over the reference backend; x best peer = over "
+             "the fastest peer's own sample(), '-' where none has the model"
+             + ("; torch.compile rows with --full only" if quick else "") + ".\n\n"
+             + markdown_table(["model", "impl", "ms/batch", "img/s", "x eager", "x best peer"], body))
+    if skipped:
+        table += "\n\nNot run: " + "; ".join(skipped)
+    return rows, table
+
+
+# The suite's former name (README, scripts).
+realnvp_train_suite = train_suite

@@ -1,0 +1,105 @@
+"""The benchmark suite's own machinery (benchmarks/): the data it trains on, the peers' models,
+the memory measurement and a tiny end-to-end run. No test asserts a time."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from benchmarks import training
+from benchmarks.peers import GLOW_PEERS, PEERS
+from flowkern import data as fkdata
+from flowkern.models import Glow, RealNVP
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_load_images_reads_mnist_from_root_and_says_so(tmp_path):
+    images = fkdata.synthetic_digits(20, seed=3)
+    fkdata.write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images[:, 0])
+    fkdata.write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), images[:5, 0])
+    got, desc = training.load_images.__wrapped__(8, str(tmp_path))
+    assert desc.startswith("MNIST from") and torch.equal(got, images[:8])
+
+
+def test_load_images_falls_back_to_synthetic_digits_and_says_why(tmp_path):
+    got, desc = training.load_images.__wrapped__(8, str(tmp_path))
+    assert got.shape == (8, 1, 28, 28) and got.dtype == torch.uint8
+    assert "synthetic" in desc and "no usable MNIST" in desc
+    got, desc = training.load_images.__wrapped__(8, None)
+    assert "synthetic" in desc and "--root" not in desc
+
+
+@pytest.mark.parametrize("peer", sorted(PEERS))
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_realnvp_peers_build_flowkerns_architecture(peer, coupling):
+    model = PEERS[peer](784, 2, 16, coupling)
+    if model is None:
+        pytest.skip(f"{peer} is not installed")
+    assert _params(model) == _params(RealNVP(784, layers=2, hidden=16, coupling=coupling))
+    x = torch.randn(5, 784)
+    lp = model.log_prob(x)
+    assert lp.shape == (5,) and lp.isfinite().all()
+    lp.sum().backward()
+    with torch.no_grad():
+        assert model.sample(3).shape == (3, 784)
+
+
+def test_glow_peer_builds_flowkerns_architecture():
+    model = GLOW_PEERS["normflows"]((1, 28, 28), 2, 1, 8)
+    if model is None:
+        pytest.skip("normflows is not installed")
+    assert _params(model) == _params(Glow((1, 28, 28), levels=2, steps=1, hidden=8))
+    x = torch.randn(2, 1, 28, 28)
+    assert model.log_prob(x).shape == (2,)
+    with torch.no_grad():
+        assert model.sample(2).shape == (2, 1, 28, 28)
+
+
+def test_step_peak_bytes_follows_live_tensors():
+    x = torch.randn(1000, 1000)  # 4 MB
+
+    def step():
+        y = x * 2
+        z = y + 1
+        del y
+        return z.sum()
+
+    assert training.step_peak_bytes(step, "cpu") == 8_000_000  # y and z at once
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
+    from benchmarks import __main__ as cli
+    from benchmarks import common
+
+    tiny = [training.Config("realnvp", "affine", None, 2, 8, 4, compile=False),
+            training.Config("realnvp", "spline", "actnorm", 2, 8, 4, compile=False),
+            training.Config("glow", layers=1, hidden=4, batch=2, compile=False)]
+    monkeypatch.setitem(training.CONFIGS, "quick", tiny)
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    timer = training._time_interleaved
+    monkeypatch.setattr(training, "_time_interleaved", lambda fns, device, budget_s: timer(fns, device, 1e-4))
+    root = tmp_path / "mnist"
+    root.mkdir()
+    images = fkdata.synthetic_digits(8, seed=5)[:, 0]
+    fkdata.write_idx(str(root / "train-images-idx3-ubyte"), images)
+    fkdata.write_idx(str(root / "t10k-images-idx3-ubyte"), images[:2])
+    assert cli.main(["--quick", "--only", "train", "--only", "sample", "--root", str(root), "--name", "t"]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["machine"]["data"] == f"MNIST from {root}"
+    rows = result["rows"]
+    assert {r["suite"] for r in rows} == {"train", "sample"}
+    for cfg in tiny:
+        impls = {r["impl"] for r in rows if r["case"] == cfg.name and r["suite"] == "train"}
+        assert {"eager"} <= impls
+        if cfg.model == "glow" and GLOW_PEERS["normflows"]((1, 28, 28), 1, 1, 2) is not None:
+            assert "normflows" in impls
+    md = (tmp_path / "t.md").read_text()
+    assert "peak MB" in md and "Sampling" in md and f"MNIST from {root}" in md
+    if os.path.exists(tmp_path / "t.png"):
+        assert (tmp_path / "t.png").stat().st_size > 0
