@@ -29,4 +29,9 @@ echo "== benchmarks" | tee -a "$out/summary.txt"
 timeout 240 "$py" -m benchmarks --quick --device cuda --name cuda > "$out/bench.log" 2>&1 || status=1
 cp benchmarks/results/cuda.json benchmarks/results/cuda.md "$out/" 2>/dev/null || true
 grep "|" "$out/bench.log" | head -60 | tee -a "$out/summary.txt"
+
+echo "== memory-saving backprop" | tee -a "$out/summary.txt"
+timeout 120 "$py" -m benchmarks.memory_saving --device cuda > "$out/memory_saving.log" 2>&1 || status=1
+cp benchmarks/results/memory_saving-cuda.json benchmarks/results/memory_saving-cuda.md "$out/" 2>/dev/null || true
+grep "|" "$out/memory_saving.log" | tee -a "$out/summary.txt"
 exit $status
