@@ -12,9 +12,10 @@ import torch
 import flowkern
 
 
-def kernel_backends():
-    """pytest params (backend, device) for every non-reference backend available here."""
-    params = []
+def kernel_backends(with_reference: bool = False):
+    """pytest params (backend, device) for every non-reference backend available here (and the
+    reference first, with_reference=True)."""
+    params = [pytest.param("reference", "cpu", id="reference")] if with_reference else []
     avail = flowkern.available_backends()
     if "cpu" in avail:
         params.append(pytest.param("cpu", "cpu", id="cpu"))

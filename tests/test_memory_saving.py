@@ -20,6 +20,8 @@ from flowkern import models
 from flowkern import nn as fnn
 from flowkern.nn.memory import memory_saving_forward
 
+from benchmarks.memory_saving import saved_activation_bytes
+
 
 def perturb(module: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
     """Moves every coupling off the identity (their last conditioner layer starts at zero)."""
@@ -66,19 +68,8 @@ def assert_grads_close(got: dict, ref: dict, rel: float) -> None:
 
 def activation_bytes(fn, params) -> int:
     """Bytes of the distinct tensors autograd saves while fn() runs, parameters left out (a Linear
-    saves its weight, which exists anyway): benchmarks.kernels.saved_bytes less the parameters."""
-    skip = {p.untyped_storage()._cdata for p in params}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s._cdata not in skip:
-            seen[(s.data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    saves its weight, which exists anyway): the benchmark's own measure."""
+    return saved_activation_bytes(fn, list(params))
 
 
 # ----------------------------------------------------------------------------- gradients match

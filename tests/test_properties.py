@@ -47,6 +47,8 @@ from flowkern.reference.affine_coupling import affine_coupling_merge_ref
 from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
 from flowkern.reference.rq_spline import find_bin, spline_knots
 
+from conftest import kernel_backends
+
 # ------------------------------------------------------------------------------------------------
 # Backends, example counts, bookkeeping
 
@@ -56,18 +58,7 @@ COUNTS: Dict[str, int] = collections.Counter()
 
 def backend_params(kernels_only: bool = False):
     """(backend, device) pytest params: the reference, the compiled op and Triton where they run."""
-    avail = flowkern.available_backends()
-    params = [] if kernels_only else [pytest.param("reference", "cpu", id="reference")]
-    if "cpu" in avail:
-        params.append(pytest.param("cpu", "cpu", id="cpu"))
-    if "cuda" in avail:
-        params.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu))
-    if "triton" in avail:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        params.append(pytest.param("triton", dev, id=f"triton-{dev}", marks=pytest.mark.triton))
-    if not params:
-        params.append(pytest.param(None, None, marks=pytest.mark.skip(reason="no kernel backend here")))
-    return params
+    return kernel_backends(with_reference=not kernels_only)
 
 
 def interpreted(backend: str, device: str) -> bool:
