@@ -88,9 +88,10 @@ DEFAULT_EPOCHS = 10
 
 DEQUANTIZE = ("uniform", "variational", "none")
 NOT_DEQUANTIZED = (" This model trains on the raw integer pixels (--dequantize none): a continuous density on "
-                   "256 discrete values per pixel can put unbounded density on them, so the loss runs to -inf "
-                   "and the numbers break down. The data must be dequantized: train with --dequantize uniform "
-                   "(noise u ~ U[0, 1)) or --dequantize variational (a learned q(u | x), Flow++).")
+                   "256 discrete values per pixel can pile unbounded density onto them (a pixel that is always "
+                   "0, like MNIST's border, first), so the loss and its gradients run off to infinity or NaN. "
+                   "The data must be dequantized: train with --dequantize uniform (noise u ~ U[0, 1)) or "
+                   "--dequantize variational (a learned q(u | x), Flow++).")
 
 
 class UsageError(ValueError):
