@@ -135,3 +135,21 @@ def resolve_op(device: torch.device, dtype: torch.dtype, op: str) -> str:
                             "or 'reference'")
         impl = "reference"
     return impl
+
+
+# The compiled CPU kernels are float32/float64; CUDA and Triton take the half types themselves.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_dtype(impl: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op's kernels compute `dtype` data in on `device`: float32 for the half types
+    on the compiled CPU kernels (the op rounds its result once), else `dtype` itself."""
+    if impl == "compiled" and device.type == "cpu" and dtype not in CPU_KERNEL_DTYPES:
+        return torch.float32
+    return dtype
+
+
+def kernel_inputs(dtype: torch.dtype, *tensors: torch.Tensor):
+    """The tensors as the kernels take them: `dtype`, contiguous (no call when they already are:
+    at MNIST sizes these ops take tens of microseconds, and each .to() costs one or two)."""
+    return tuple(t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors)

@@ -289,18 +289,17 @@ class AffineCoupling(_Coupling):
         from ..ops.affine_coupling import affine_coupling_merge_backward_from_output
 
         self.check_input(y)
-        k = len(self.kept_idx)
-        kept = (y[:, :k] if kept_first else y[:, y.shape[1] - k:]).detach().requires_grad_(need_x)
+        kept = self._take(y.detach())[0].requires_grad_(need_x)
         with torch.enable_grad():
             params = self._condition(kept, context, y.dtype)
         x, grad_x, grad_params = affine_coupling_merge_backward_from_output(
-            grad_y, grad_logdet, y, params.detach(), kept=k, kept_first=kept_first, scale=self.scale,
-            clamp=self.clamp)
+            grad_y, grad_logdet, y, params.detach(), kept=len(self.kept_idx), kept_first=kept_first,
+            scale=self.scale, clamp=self.clamp)
         inputs = ([kept] if need_x else []) + list(wrt)
         got = torch.autograd.grad(params, inputs, grad_params, allow_unused=True) if inputs else ()
         if need_x:
             if got[0] is not None:  # the conditioner's share of the kept part's gradient
-                (grad_x[:, :k] if kept_first else grad_x[:, grad_x.shape[1] - k:]).add_(got[0])
+                self._take(grad_x)[0].add_(got[0])
             got = got[1:]
         return x, (grad_x if need_x else None), list(got)
 

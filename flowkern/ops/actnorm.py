@@ -23,24 +23,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import _ext
-from .._backend import resolve_op
+from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.actnorm import actnorm_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions
-
-
-def kernel_dtype(x: torch.Tensor, impl: str) -> torch.dtype:
-    """The dtype the kernels get: the CPU kernels are float32/float64 (half types compute in
-    float32 and round once); CUDA and Triton take the half types themselves."""
-    if impl == "compiled" and x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        return torch.float32
-    return x.dtype
-
-
-def kernel_inputs(dtype: torch.dtype, *tensors: torch.Tensor):
-    """The tensors as the kernels take them: `dtype`, contiguous (no call when they already are:
-    at MNIST sizes these ops take tens of microseconds, and each .to() costs one or two)."""
-    return tuple(t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous() for t in tensors)
 
 
 def register_channel_vmap(op_name: str, tensor_args: Sequence[int], row_args: Sequence[int] = ()) -> None:
@@ -136,7 +122,7 @@ def actnorm(
     if impl == "reference":
         return actnorm_ref(x, shift, log_scale, inverse=inverse, logdet=logdet)
     dtype = x.dtype
-    x, shift, log_scale = kernel_inputs(kernel_dtype(x, impl), x, shift, log_scale)
+    x, shift, log_scale = kernel_inputs(kernel_dtype(impl, x.device, x.dtype), x, shift, log_scale)
     out, ld = apply(_FUNCTIONS, _run, (x, shift, log_scale, logdet), x, shift, log_scale, logdet, inverse, impl)
     return (out if out.dtype == dtype else out.to(dtype)), ld
 

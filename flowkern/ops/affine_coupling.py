@@ -19,8 +19,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import resolve_op
-from ..reference.affine_coupling import SCALES, affine_coupling_merge_ref, affine_coupling_ref
+from .._backend import kernel_dtype, kernel_inputs, resolve_op
+from ..reference.affine_coupling import (SCALES, affine_coupling_merge_ref, affine_coupling_ref, merge_columns,
+                                         merged_columns)
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
 from ._vmap import register_row_vmap
@@ -28,17 +29,13 @@ from ._vmap import register_row_vmap
 SCALE_MODES = {name: i for i, name in enumerate(SCALES)}  # the kernels' mode numbers
 
 
-def _kernels(impl: str, merge: bool = False):
+def _kernel(impl: str, name: str):
+    """Kernel `name` of `impl`: the compiled op, or the Triton wrapper of the same name."""
     if impl == "compiled":
-        ops = torch.ops.flowkern
-        if merge:
-            return ops.affine_coupling_merge_fwd, ops.affine_coupling_merge_bwd
-        return ops.affine_coupling_fwd, ops.affine_coupling_bwd
+        return getattr(torch.ops.flowkern, name)
     from ..triton import affine_coupling as tk
 
-    if merge:
-        return tk.affine_coupling_merge_fwd, tk.affine_coupling_merge_bwd
-    return tk.affine_coupling_fwd, tk.affine_coupling_bwd
+    return getattr(tk, name)
 
 
 # Where the forward saves the factor m (1/m going back) for the backward instead of the raw
@@ -58,7 +55,7 @@ def _save_factor(device: torch.device, scale: str, clamp: float, *tensors) -> bo
 
 
 def _run(x, shift, scale_raw, logdet, mode, clamp, inverse, impl, save_factor):
-    return _kernels(impl)[0](x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
+    return _kernel(impl, "affine_coupling_fwd")(x, shift, scale_raw, mode, clamp, inverse, logdet, save_factor)
 
 
 def _save(ctx, inputs, outputs):
@@ -74,7 +71,7 @@ def _backward(ctx, grad_out, grad_logdet):
     saved, scale_or_factor = ctx.saved_tensors
     is_factor, mode, clamp, inverse, impl = ctx.config
     grad_out, grad_logdet = contiguous_grads(grad_out, grad_logdet, saved)
-    grad_in, grad_s = _kernels(impl)[1](grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp,
+    grad_in, grad_s = _kernel(impl, "affine_coupling_bwd")(grad_out, grad_logdet, saved, scale_or_factor, is_factor, mode, clamp,
                                         inverse)
     grad_shift = -grad_in if inverse else grad_out
     return grad_in, grad_shift, grad_s, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
@@ -110,10 +107,7 @@ def affine_coupling(
     if impl == "reference":
         return affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=bool(inverse), logdet=logdet)
     dtype = x.dtype
-    if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        # The CPU kernels are float32/float64; half types compute in float32 and round once.
-        x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
-    x, shift, scale_raw = x.contiguous(), shift.contiguous(), scale_raw.contiguous()
+    x, shift, scale_raw = kernel_inputs(kernel_dtype(impl, x.device, dtype), x, shift, scale_raw)
     mode, inverse = SCALE_MODES[scale], bool(inverse)
     save_factor = _save_factor(x.device, scale, clamp, x, shift, scale_raw)
     out, ld = apply(_FUNCTIONS, _run, (x, shift, scale_raw, logdet),
@@ -122,7 +116,8 @@ def affine_coupling(
 
 
 def _run_merge(kept, x, params, logdet, mode, clamp, inverse, impl, save_factor, kept_first):
-    return _kernels(impl, merge=True)[0](kept, x, params, mode, clamp, inverse, logdet, save_factor, kept_first)
+    return _kernel(impl, "affine_coupling_merge_fwd")(kept, x, params, mode, clamp, inverse, logdet, save_factor,
+                                                      kept_first)
 
 
 def _save_merge(ctx, inputs, outputs):
@@ -141,16 +136,16 @@ def _backward_merge(ctx, grad_out, grad_logdet):
     saved, scale_or_factor = ctx.saved_tensors
     is_factor, mode, clamp, inverse, impl, kept_first, k = ctx.config
     if inverse:  # the whole output: its transformed columns
-        saved = saved[:, k:] if kept_first else saved[:, :saved.shape[1] - k]
+        saved = merged_columns(saved, k, kept_first)[1]
     if not is_factor:  # the whole params: the raw scale half
         scale_or_factor = scale_or_factor[:, scale_or_factor.shape[1] // 2:]
     # The kernel takes grad_out at any row stride; zeros for an unused output.
     grad_out = saved.new_zeros((saved.shape[0], k + saved.shape[1])) if grad_out is None else _rows(grad_out)
     grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
-    grad_x, grad_params = _kernels(impl, merge=True)[1](grad_out, grad_logdet, saved, scale_or_factor, is_factor,
-                                                         mode, clamp, inverse, kept_first)
+    grad_x, grad_params = _kernel(impl, "affine_coupling_merge_bwd")(grad_out, grad_logdet, saved, scale_or_factor,
+                                                                     is_factor, mode, clamp, inverse, kept_first)
     # kept passes through unchanged: its gradient is grad_out's kept columns, a view.
-    grad_kept = grad_out[:, :k] if kept_first else grad_out[:, grad_out.shape[1] - k:]
+    grad_kept = merged_columns(grad_out, k, kept_first)[0]
     return (grad_kept, grad_x, grad_params, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None,
             None)
 
@@ -208,9 +203,8 @@ def affine_coupling_merge(
         return affine_coupling_merge_ref(kept, x, params, kept_first=kept_first, scale=scale, clamp=clamp,
                                          inverse=inverse, logdet=logdet)
     dtype, shape = x.dtype, (x.shape[0], kept.shape[1] + x.shape[1], *x.shape[2:])
-    if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        kept, x, params = kept.float(), x.float(), params.float()  # as affine_coupling
-    kept, x, params = _rows(kept), _rows(x), _rows(params)
+    compute = kernel_dtype(impl, x.device, dtype)
+    kept, x, params = _rows(kept.to(compute)), _rows(x.to(compute)), _rows(params.to(compute))
     save_factor = _save_factor(x.device, scale, clamp, kept, x, params)
     out, ld = apply(_MERGE_FUNCTIONS, _run_merge, (kept, x, params, logdet),
                     kept, x, params, logdet, SCALE_MODES[scale], clamp, inverse, impl, save_factor, kept_first)
@@ -249,7 +243,7 @@ def affine_coupling_merge_backward_from_output(
         _checks.like("grad_out", grad_out, "out", out)
     _checks.choice("scale", scale, SCALES)
     clamp = _checks.positive("clamp", clamp)
-    kept_first, inverse = bool(kept_first), bool(inverse)
+    kept_first, inverse = _checks.flag("kept_first", kept_first), _checks.flag("inverse", inverse)
     grad_logdet = None if grad_logdet is None else _checks.running_logdet(grad_logdet, out)
     impl = resolve_op(out.device, out.dtype, "affine_coupling_merge_bwd_out")
     if grad_out is None:
@@ -260,25 +254,15 @@ def affine_coupling_merge_backward_from_output(
             inverse=inverse)
     else:
         dtype = out.dtype
-        o, g, p = out, grad_out, params
-        if impl == "compiled" and out.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-            o, g, p = o.float(), g.float(), p.float()
-        kernel = torch.ops.flowkern.affine_coupling_merge_bwd_out if impl == "compiled" else _triton_bwd_out()
-        rebuilt, grad_x, grad_params = kernel(_rows(g), grad_logdet, _rows(o), _rows(p), SCALE_MODES[scale], clamp,
-                                              inverse, kept_first)
+        compute = kernel_dtype(impl, out.device, dtype)
+        rebuilt, grad_x, grad_params = _kernel(impl, "affine_coupling_merge_bwd_out")(
+            _rows(grad_out.to(compute)), grad_logdet, _rows(out.to(compute)), _rows(params.to(compute)),
+            SCALE_MODES[scale], clamp, inverse, kept_first)
         shape = (out.shape[0], n_channels, *out.shape[2:])
         rebuilt, grad_x = rebuilt.view(shape).to(dtype), grad_x.view(shape).to(dtype)
         grad_params = grad_params.view(params.shape).to(dtype)
-    kept_out = out[:, :kept] if kept_first else out[:, n_channels:]
-    kept_grad = grad_out[:, :kept] if kept_first else grad_out[:, n_channels:]
-    parts = ([kept_out, rebuilt], [kept_grad, grad_x]) if kept_first else ([rebuilt, kept_out], [grad_x, kept_grad])
-    return torch.cat(parts[0], dim=1), torch.cat(parts[1], dim=1), grad_params
-
-
-def _triton_bwd_out():
-    from ..triton import affine_coupling as tk
-
-    return tk.affine_coupling_merge_bwd_out
+    kept_out, kept_grad = merged_columns(out, kept, kept_first)[0], merged_columns(grad_out, kept, kept_first)[0]
+    return (merge_columns(kept_out, rebuilt, kept_first), merge_columns(kept_grad, grad_x, kept_first), grad_params)
 
 
 def affine_coupling_merge_bwd_out_ref(grad_out, grad_logdet, out, params, *, kept, kept_first, scale, clamp, inverse):
@@ -286,8 +270,7 @@ def affine_coupling_merge_bwd_out_ref(grad_out, grad_logdet, out, params, *, kep
     the gradients by autograd through the reference op. Returns (rebuilt transformed part,
     its gradient, the params' gradient)."""
     n = params.shape[1] // 2
-    moved = out[:, kept:] if kept_first else out[:, :n]
-    g = grad_out[:, kept:] if kept_first else grad_out[:, :n]
+    moved, g = merged_columns(out, kept, kept_first)[1], merged_columns(grad_out, kept, kept_first)[1]
     shift, raw = params[:, :n], params[:, n:]
     with torch.no_grad():
         rebuilt, _ = affine_coupling_ref(moved, shift, raw, scale=scale, clamp=clamp, inverse=not inverse)

@@ -36,11 +36,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import resolve_op
+from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.batchnorm_flow import batch_stats_ref, batchnorm_flow_ref, batchnorm_flow_train_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, under_functorch_or_forward_ad
-from .actnorm import kernel_dtype, kernel_inputs, register_channel_vmap
+from .actnorm import register_channel_vmap
 
 
 def _kernels(impl: str):
@@ -146,7 +146,7 @@ def batchnorm_flow(
     if impl == "reference":
         return batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, inverse=inverse, logdet=logdet)
     dtype = x.dtype
-    x, mean, var, log_gamma, beta = kernel_inputs(kernel_dtype(x, impl), x, mean, var, log_gamma, beta)
+    x, mean, var, log_gamma, beta = kernel_inputs(kernel_dtype(impl, x.device, x.dtype), x, mean, var, log_gamma, beta)
     out, ld = apply(_FUNCTIONS, _run, (x, mean, var, log_gamma, beta, logdet),
                     x, mean, var, log_gamma, beta, logdet, eps, inverse, impl)
     return (out if out.dtype == dtype else out.to(dtype)), ld
@@ -177,7 +177,7 @@ def batchnorm_flow_train(
     if impl == "reference":
         return batchnorm_flow_train_ref(x, log_gamma, beta, eps=eps, logdet=logdet)
     dtype = x.dtype
-    x, log_gamma, beta = kernel_inputs(kernel_dtype(x, impl), x, log_gamma, beta)
+    x, log_gamma, beta = kernel_inputs(kernel_dtype(impl, x.device, x.dtype), x, log_gamma, beta)
     with torch.no_grad():
         mean, var = _stats_kernel(impl)(x.detach())
     out, ld = apply(_TRAIN_FUNCTIONS, _run_train, (x, log_gamma, beta, logdet),
@@ -201,7 +201,7 @@ def batch_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     impl = resolve_op(x.device, x.dtype, "batch_stats")
     if impl == "reference":
         return batch_stats_ref(x)
-    mean, var = _stats_kernel(impl)(*kernel_inputs(kernel_dtype(x, impl), x))
+    mean, var = _stats_kernel(impl)(*kernel_inputs(kernel_dtype(impl, x.device, x.dtype), x))
     return (mean, var) if mean.dtype == x.dtype else (mean.to(x.dtype), var.to(x.dtype))
 
 

@@ -29,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import resolve_op
+from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.dequantize import (dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref, draw_seed,
                                     logit_ref, quantize_ref, seed_as_int64)
 from . import _checks
@@ -314,10 +314,9 @@ def dequantize_logit(
     x = x_uint8.to(torch.uint8).contiguous()  # the kernels read one byte per pixel
     if noise is not None:
         noise = noise.to(compute).contiguous()  # as the reference: u in the compute dtype
-    # The CPU kernels are float32/float64: half outputs are rounded from float32 here.
-    kernel_dtype = compute if impl == "compiled" and x.device.type == "cpu" else dtype
+    # Half outputs of the CPU kernels are rounded from float32 here.
     y, ld = apply(_FWD_FUNCTIONS, _fwd_run, (x, noise, logdet),
-                  x, noise, logdet, 0 if seed is None else seed, alpha, kernel_dtype, impl)
+                  x, noise, logdet, 0 if seed is None else seed, alpha, kernel_dtype(impl, x.device, dtype), impl)
     return y.to(dtype), ld
 
 
@@ -345,9 +344,7 @@ def dequantize_logit_inverse(
     if impl == "reference":
         return dequantize_logit_inverse_ref(y, alpha=alpha, logdet=logdet)
     dtype = y.dtype
-    if impl == "compiled" and y.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        y = y.float()  # the CPU kernels are float32/float64
-    y = y.contiguous()
+    y, = kernel_inputs(kernel_dtype(impl, y.device, dtype), y)
     pixels, ld = apply(_INV_FUNCTIONS, _inv_run, (y, logdet), y, logdet, alpha, impl)
     return pixels.to(dtype), ld
 

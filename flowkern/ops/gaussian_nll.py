@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _ext
-from .._backend import resolve_op
+from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.gaussian_nll import gaussian_nll_ref
 from . import _checks
 from ._autograd import needs_grad, under_functorch_or_forward_ad
@@ -103,9 +103,7 @@ def gaussian_nll(z: torch.Tensor, logdet: Optional[torch.Tensor] = None, *,
     impl = resolve_op(z.device, z.dtype, "gaussian_nll_fwd")
     if impl == "reference":
         return gaussian_nll_ref(z, logdet, bits_per_dim=bits)
-    if impl == "compiled" and z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
-        z = z.float()  # the CPU kernels are float32/float64
-    z = z.contiguous()
+    z, = kernel_inputs(kernel_dtype(impl, z.device, z.dtype), z)
     inputs = (z, logdet, bits, impl)
     if under_functorch_or_forward_ad(z, logdet):
         return GaussianNLLFunctionFunc.apply(*inputs)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from .._backend import BackendUnavailable, get_backend, resolve
+from .._backend import BackendUnavailable, get_backend, kernel_dtype, kernel_inputs, resolve
 from ..reference.rq_spline import MIN_HEIGHT, MIN_WIDTH, params_per_element, rq_spline_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions
@@ -106,9 +106,7 @@ def rq_spline(
     if impl == "reference":
         return rq_spline_ref(x, params, bins=bins, bound=bound, inverse=bool(inverse), logdet=logdet)
     dtype = x.dtype
-    if impl == "compiled" and x.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
-        x, params = x.float(), params.float()  # the CPU kernels are float32/float64
-    x, params = x.contiguous(), params.contiguous()
+    x, params = kernel_inputs(kernel_dtype(impl, x.device, dtype), x, params)
     out, ld = apply(_FUNCTIONS, _run, (x, params, logdet), x, params, logdet, bins, bound, bool(inverse), impl)
     return out.to(dtype), ld
 

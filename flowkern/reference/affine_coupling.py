@@ -84,4 +84,17 @@ def affine_coupling_merge_ref(
     Same result as flowkern.ops.affine_coupling_merge."""
     shift, scale_raw = params.chunk(2, dim=1)
     out, ld = affine_coupling_ref(x, shift, scale_raw, scale=scale, clamp=clamp, inverse=inverse, logdet=logdet)
-    return torch.cat([kept, out] if kept_first else [out, kept], dim=1), ld
+    return merge_columns(kept, out, kept_first), ld
+
+
+def merge_columns(kept: torch.Tensor, moved: torch.Tensor, kept_first: bool) -> torch.Tensor:
+    """The merged layout of a coupling layer's row: cat([kept, moved]) along dim 1 when
+    kept_first, else cat([moved, kept])."""
+    return torch.cat([kept, moved] if kept_first else [moved, kept], dim=1)
+
+
+def merged_columns(t: torch.Tensor, k: int, kept_first: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kept, moved) views of a merged tensor (merge_columns' layout) with k kept columns."""
+    if kept_first:
+        return t[:, :k], t[:, k:]
+    return t[:, t.shape[1] - k:], t[:, :t.shape[1] - k]
