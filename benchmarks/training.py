@@ -261,6 +261,18 @@ def _mb(nbytes: Optional[float]) -> object:
 
 # ------------------------------------------------------------------------------------- suites
 
+def _initialised_models(device: str, cfg: Config, x: torch.Tensor, with_compile: bool = True):
+    """(impl, model) for every implementation that builds cfg's model, each with ActNorm's
+    data-dependent initialisation run eagerly on x (as a trained model has it)."""
+    for impl in implementations(device, cfg, with_compile=with_compile):
+        model = build_model(impl, cfg, device)
+        if model is None:
+            continue
+        with torch.no_grad(), flowkern.backend(impl.backend):
+            model.log_prob(x)
+        yield impl, model
+
+
 def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] = None) -> tuple[list[Row], str]:
     """img/s of a full training step, bytes autograd saves, peak bytes of a step."""
     cfgs = configs(device, quick)
@@ -269,12 +281,7 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
     for cfg in cfgs:
         x = model_input(cfg, images, device)
         steps, saved, peak = {}, {}, {}
-        for impl in implementations(device, cfg):
-            model = build_model(impl, cfg, device)
-            if model is None:
-                continue
-            with torch.no_grad(), flowkern.backend(impl.backend):
-                model.log_prob(x)  # ActNorm's data-dependent initialisation, eagerly
+        for impl, model in _initialised_models(device, cfg, x):
             opt = _optimizer(model, device)
 
             def loss_fn(v, model=model):
@@ -337,12 +344,7 @@ def sample_suite(device: str, quick: bool, budget_s: float, root: Optional[str] 
         x = model_input(cfg, images, device)
         fns = {}
         # torch.compile of the inverse pass takes inductor 5 to 15 s per model here: --full only.
-        for impl in implementations(device, cfg, with_compile=not quick):
-            model = build_model(impl, cfg, device)
-            if model is None:
-                continue
-            with torch.no_grad(), flowkern.backend(impl.backend):
-                model.log_prob(x)  # ActNorm's data-dependent initialisation, as a trained model has it
+        for impl, model in _initialised_models(device, cfg, x, with_compile=not quick):
 
             def sample(model=model, n=cfg.batch):
                 with torch.no_grad():
