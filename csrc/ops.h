@@ -10,6 +10,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "math/affine_coupling.h"
+
 namespace flowkern {
 
 // The dtype in which a row's log-det is accumulated and returned: float32 for float32 and the
@@ -90,6 +92,45 @@ inline void check_affine_merge_bwd_out(const at::Tensor& grad_out, const std::op
               "flowkern: affine_coupling_merge_bwd_out shapes disagree: grad_out ", grad_out.sizes(), ", out ",
               out.sizes(), ", params ", params.sizes());
   check_per_row(grad_logdet, out.size(0), logdet_dtype(out.scalar_type()), out.device());
+}
+
+// The merge ops' row layouts, one place for the CPU and CUDA launchers: out (B, k + n) holds
+// kept at column 0 (kept_first) or n and the transformed part at k or 0; params (B, 2n) =
+// [shift | raw scale]; every input at its own row stride.
+template <typename T>
+math::AffineFwdRows<T> merge_fwd_rows(const at::Tensor& kept, const at::Tensor& x, const at::Tensor& params,
+                                      const at::Tensor& out, T* factor, bool kept_first) {
+  const int64_t n = x.size(1), k = kept.size(1);
+  const T* p = params.data_ptr<T>();
+  return {x.data_ptr<T>(), p, p + n, x.stride(0), params.stride(0), params.stride(0),
+          out.data_ptr<T>(), k + n, kept_first ? k : 0, factor,
+          kept.data_ptr<T>(), kept.stride(0), k, kept_first ? 0 : n};
+}
+
+// merge_bwd: grad_out (B, k + n), saved and scale_or_factor (B, n); grad_x (B, n) and
+// grad_params (B, 2n) = [grad shift | grad raw scale] written.
+template <typename T>
+math::AffineBwdRows<T> merge_bwd_rows(const at::Tensor& grad_out, const at::Tensor& saved,
+                                      const at::Tensor& scale_or_factor, const at::Tensor& grad_x,
+                                      const at::Tensor& grad_params, bool kept_first) {
+  const int64_t n = saved.size(1), k = grad_out.size(1) - n;
+  T* gp = grad_params.data_ptr<T>();
+  return {grad_out.data_ptr<T>() + (kept_first ? k : 0), saved.data_ptr<T>(), scale_or_factor.data_ptr<T>(),
+          grad_out.stride(0), saved.stride(0), scale_or_factor.stride(0), grad_x.data_ptr<T>(), gp + n, 2 * n,
+          gp, 2 * n};
+}
+
+// merge_bwd_out: from the output out (B, k + n) and params (B, 2n); the rebuilt input goes to
+// `input` (B, n).
+template <typename T>
+math::AffineBwdRows<T> merge_bwd_out_rows(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& params,
+                                          const at::Tensor& input, const at::Tensor& grad_x,
+                                          const at::Tensor& grad_params, bool kept_first) {
+  const int64_t n = params.size(1) / 2, k = out.size(1) - n, off = kept_first ? k : 0;
+  T* gp = grad_params.data_ptr<T>();
+  const T* p = params.data_ptr<T>();
+  return {grad_out.data_ptr<T>() + off, out.data_ptr<T>() + off, p + n, grad_out.stride(0), out.stride(0),
+          params.stride(0), grad_x.data_ptr<T>(), gp + n, 2 * n, gp, 2 * n, p, params.stride(0), input.data_ptr<T>()};
 }
 
 // rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all

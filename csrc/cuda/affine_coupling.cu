@@ -176,12 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_fwd(
   auto ld = at::empty({rows}, x.options().dtype(logdet_dtype(x.scalar_type())));
   if (rows == 0) return {out, ld, factor};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "flowkern_affine_coupling_merge_fwd_cuda", [&] {
-    const scalar_t* p = params.data_ptr<scalar_t>();
-    AffineFwdRows<scalar_t> a{x.data_ptr<scalar_t>(), p, p + n, x.stride(0), params.stride(0), params.stride(0),
-                              out.data_ptr<scalar_t>(), k + n, kept_first ? k : 0,
-                              save_factor ? factor.data_ptr<scalar_t>() : nullptr,
-                              kept.data_ptr<scalar_t>(), kept.stride(0), k, kept_first ? 0 : n};
-    launch_fwd(a, logdet, ld, mode, inverse, rows, n, clamp);
+    launch_fwd(merge_fwd_rows<scalar_t>(kept, x, params, out, save_factor ? factor.data_ptr<scalar_t>() : nullptr,
+                                        kept_first),
+               logdet, ld, mode, inverse, rows, n, clamp);
   });
   return {out, ld, factor};
 }
@@ -191,15 +188,12 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_merge_bwd(
     const at::Tensor& scale_or_factor, bool is_factor, int64_t mode, double clamp, bool inverse, bool kept_first) {
   check_affine_merge_grads(grad_out, grad_logdet, saved, scale_or_factor);
   const c10::cuda::CUDAGuard guard(saved.device());
-  const int64_t rows = saved.size(0), n = saved.size(1), k = grad_out.size(1) - n;
+  const int64_t rows = saved.size(0), n = saved.size(1);
   auto grad_x = at::empty({rows, n}, saved.options());
   auto grad_params = at::empty({rows, 2 * n}, saved.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "flowkern_affine_coupling_merge_bwd_cuda", [&] {
-    scalar_t* gp = grad_params.data_ptr<scalar_t>();
-    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + (kept_first ? k : 0), saved.data_ptr<scalar_t>(),
-                              scale_or_factor.data_ptr<scalar_t>(), grad_out.stride(0), saved.stride(0),
-                              scale_or_factor.stride(0), grad_x.data_ptr<scalar_t>(), gp + n, 2 * n, gp, 2 * n};
-    launch_bwd(a, grad_logdet, is_factor, mode, inverse, rows, n, clamp, saved.get_device());
+    launch_bwd(merge_bwd_rows<scalar_t>(grad_out, saved, scale_or_factor, grad_x, grad_params, kept_first),
+               grad_logdet, is_factor, mode, inverse, rows, n, clamp, saved.get_device());
   });
   return {grad_x, grad_params};
 }
@@ -209,18 +203,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_bwd_out(
     const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first) {
   check_affine_merge_bwd_out(grad_out, grad_logdet, out, params);
   const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t rows = out.size(0), n = params.size(1) / 2, k = out.size(1) - n;
+  const int64_t rows = out.size(0), n = params.size(1) / 2;
   auto input = at::empty({rows, n}, out.options());
   auto grad_x = at::empty({rows, n}, out.options());
   auto grad_params = at::empty({rows, 2 * n}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "flowkern_affine_coupling_merge_bwd_out_cuda", [&] {
-    scalar_t* gp = grad_params.data_ptr<scalar_t>();
-    const scalar_t* p = params.data_ptr<scalar_t>();
-    const int64_t at = kept_first ? k : 0;
-    AffineBwdRows<scalar_t> a{grad_out.data_ptr<scalar_t>() + at, out.data_ptr<scalar_t>() + at, p + n,
-                              grad_out.stride(0), out.stride(0), params.stride(0), grad_x.data_ptr<scalar_t>(),
-                              gp + n, 2 * n, gp, 2 * n, p, params.stride(0), input.data_ptr<scalar_t>()};
-    launch_bwd(a, grad_logdet, false, mode, inverse, rows, n, clamp, out.get_device());
+    launch_bwd(merge_bwd_out_rows<scalar_t>(grad_out, out, params, input, grad_x, grad_params, kept_first),
+               grad_logdet, false, mode, inverse, rows, n, clamp, out.get_device());
   });
   return {input, grad_x, grad_params};
 }
