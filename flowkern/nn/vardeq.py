@@ -33,11 +33,6 @@ from ..ops.gaussian_nll import gaussian_nll
 from .coupling import AffineCoupling
 from .preprocess import DequantizeLogit
 
-# u = sigmoid(a) rounds to 1.0 in float32 for a > ~16.6: kept just below, inside [0, 1).
-_BELOW_ONE = {torch.float16: 1 - 2 ** -11, torch.bfloat16: 1 - 2 ** -8, torch.float32: 1 - 2 ** -24,
-              torch.float64: 1 - 2 ** -53}
-
-
 class VariationalDequantize(DequantizeLogit):
     """Flow++'s learned dequantization in front of the fused dequantize + logit.
 
@@ -89,7 +84,9 @@ class VariationalDequantize(DequantizeLogit):
             a, logdet = layer(a, context, logdet)
         # log|du/da| = log sigmoid(a) + log sigmoid(-a), elementwise.
         log_q = log_q - logdet - (F.logsigmoid(a) + F.logsigmoid(-a)).sum(1).to(log_q.dtype)
-        u = torch.sigmoid(a).clamp(max=_BELOW_ONE[a.dtype])
+        # sigmoid(a) rounds to 1.0 (float32: a > ~16.6): kept at the largest value below 1,
+        # 1 - eps / 2, inside [0, 1).
+        u = torch.sigmoid(a).clamp(max=1 - torch.finfo(a.dtype).eps / 2)
         return u.view(x.shape), log_q
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
