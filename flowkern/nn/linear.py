@@ -269,14 +269,10 @@ class Permutation(FlowLayer):
             else:
                 perm = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
         _register_permutation(self, perm)
-        self._refresh_transpose()
-        self.register_load_state_dict_post_hook(lambda mod, keys: mod._refresh_transpose())
-
-    def _refresh_transpose(self) -> None:
-        """Caches whether the permutation (and so its inverse) is a grid transpose."""
-        a = transpose_rows(self.permutation)
-        self._rows = a
-        self._inverse_rows = self.features // a if a else 0
+        # Whether the permutation transposes a (rows, n / rows) grid (its inverse then transposes
+        # the (n / rows, rows) one), cached; re-read after every load_state_dict.
+        self._rows = transpose_rows(self.permutation)
+        self.register_load_state_dict_post_hook(lambda mod, keys: setattr(mod, "_rows", transpose_rows(mod.permutation)))
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         _checks.tensor(name, x, min_dim=2)
@@ -291,8 +287,8 @@ class Permutation(FlowLayer):
 
     def inverse(self, z, context=None, logdet=None):
         self._check("z", z)
-        return (permute_columns(z, self.inverse_permutation, self.permutation, self._inverse_rows),
-                _zero_logdet(z, logdet))
+        inverse_rows = self.features // self._rows if self._rows else 0
+        return permute_columns(z, self.inverse_permutation, self.permutation, inverse_rows), _zero_logdet(z, logdet)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, kind={self.kind!r}"
