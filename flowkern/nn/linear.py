@@ -272,7 +272,8 @@ class Permutation(FlowLayer):
         # Whether the permutation transposes a (rows, n / rows) grid (its inverse then transposes
         # the (n / rows, rows) one), cached; re-read after every load_state_dict.
         self._rows = transpose_rows(self.permutation)
-        self.register_load_state_dict_post_hook(lambda mod, keys: setattr(mod, "_rows", transpose_rows(mod.permutation)))
+        self.register_load_state_dict_post_hook(
+            lambda mod, keys: setattr(mod, "_rows", transpose_rows(mod.permutation)))
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         _checks.tensor(name, x, min_dim=2)
