@@ -115,13 +115,14 @@ class Config:
 
 
 # The spline conditioner's output is 23x wider and Glow is convolution-bound on a CPU, so quick
-# mode trains smaller ones, and compiles only the two peer-comparable RealNVPs (inductor takes
-# 5 to 30 s per model here). The affine model runs at two widths: at hidden 512 its matmuls are
-# ~85% of a step, the same in every implementation; at 128 about half.
+# mode trains smaller ones, and compiles only the hidden-512 affine, the spline and the
+# actnorm RealNVPs (inductor takes 5 to 30 s per model here). The affine model runs at two
+# widths: at hidden 512 its matmuls are ~85% of a step, the same in every implementation; at 128
+# about 70% (the 'conditioners only' row measures it).
 CONFIGS = {
     "quick": [Config("realnvp", "affine", None, 8, 512, 256), Config("realnvp", "affine", None, 8, 128, 256, compile=False),
               Config("realnvp", "spline", None, 4, 256, 128),
-              Config("realnvp", "affine", "actnorm", 8, 128, 256, compile=False),
+              Config("realnvp", "affine", "actnorm", 8, 128, 256),
               Config("glow", layers=2, hidden=32, batch=32, compile=False)],
     "full": [Config("realnvp", "affine", None, 8, 512, 256), Config("realnvp", "affine", "actnorm", 8, 512, 256),
              Config("realnvp", "affine", "actnorm", 8, 128, 256), Config("realnvp", "affine", "batchnorm", 8, 128, 256),
@@ -194,6 +195,43 @@ def _optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+
+FLOOR = "conditioners only"
+
+
+def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor) -> Optional[Callable[[], None]]:
+    """A training step of `model`'s coupling conditioners alone (None when it has no coupling):
+    the same networks and fused AdamW, fed what they are fed in model.log_prob(x) (shapes, and
+    whether the input needs a gradient) as fixed tensors, with fixed output gradients, and every
+    flow op (the couplings' transforms, norms, permutations, 1x1 convolutions, the likelihood)
+    taken out. Every implementation of the model runs these networks, so none steps faster than
+    this with torch's own matmuls and convolutions on the machine: its img/s is the ceiling of
+    every "x eager" and "x best peer" ratio.
+    """
+    from flowkern.nn.coupling import _Coupling
+
+    nets = [m.conditioner for m in model.modules() if isinstance(m, _Coupling)]
+    if not nets:
+        return None
+    seen = []
+    hooks = [net.register_forward_hook(
+        lambda net, args, out: seen.append((net, args[0].shape, args[0].requires_grad, out.shape))) for net in nets]
+    try:
+        model.log_prob(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    g = torch.Generator().manual_seed(0)
+    calls = [(net, torch.randn(shape, generator=g).to(x.device).requires_grad_(needs_grad),
+              torch.randn(out_shape, generator=g).to(x.device)) for net, shape, needs_grad, out_shape in seen]
+    opt = _optimizer(torch.nn.ModuleList(nets), x.device.type)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.autograd.backward([net(v) for net, v, _ in calls], [grad for _, _, grad in calls])
+        opt.step()
+    return step
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -310,16 +348,23 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
                 # On the CPU a compiled step cannot run under the dispatch mode that follows the bytes.
                 peak[impl.name] = None if impl.compile and device != "cuda" else step_peak_bytes(step, device)
             steps[impl.name] = (step, impl.backend)
+        floor = conditioner_floor_step(build_model(Impl("eager"), cfg, device), x)
+        if floor is not None:
+            floor()
+            steps[FLOOR], saved[FLOOR], peak[FLOOR] = (floor, "reference"), None, None
         times = _time_interleaved(steps, device, budget_s * (1 if quick else 2))
         vs_eager, best_peer = _ratios(times, cfg.peers)
+        floor_s = times.get(FLOOR)
         for name, sec in times.items():
             vs_peer = None if best_peer is None else best_peer / sec
+            flow_ms = None if floor_s is None or name == FLOOR else (sec - floor_s) * 1e3
             rows.append(Row("train", cfg.name, name, sec * 1e6,
                             {"img/s": cfg.batch / sec, "vs_eager": vs_eager[name], "vs_best_peer": vs_peer,
-                             "saved_MB": None if saved[name] is None else saved[name] / 2**20,
+                             "flow_ms": flow_ms, "saved_MB": None if saved[name] is None else saved[name] / 2**20,
                              "peak_MB": None if peak[name] is None else peak[name] / 2**20, "data": source}))
             body.append([cfg.name, name, sec * 1e3, cfg.batch / sec, vs_eager[name],
-                         "-" if vs_peer is None else vs_peer, _mb(saved[name]), _mb(peak[name])])
+                         "-" if vs_peer is None else vs_peer, "-" if flow_ms is None else flow_ms,
+                         _mb(saved[name]), _mb(peak[name])])
     peak_how = ("torch.cuda.max_memory_allocated" if device == "cuda" else
                 "every op's output followed by a TorchDispatchMode; '-' under torch.compile, which refuses one")
     table = (f"### Training step: forward, backward, fused AdamW ({source})\n\n"
@@ -327,8 +372,11 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
              f"({', '.join(sorted(set(PEERS) | set(GLOW_PEERS)))}) building the same model, '-' where none has it; "
              "saved MB = tensors autograd keeps for the backward ('-' under torch.compile, whose graph keeps its "
              "own); peak MB = most tensor bytes live at once during one step beyond the model, optimizer state "
-             f"and batch ({peak_how}).\n\n"
-             + markdown_table(["model", "impl", "ms/step", "img/s", "x eager", "x best peer", "saved MB", "peak MB"],
+             f"and batch ({peak_how}). '{FLOOR}': the same conditioner networks, batch and AdamW "
+             "stepping with no flow op, run by torch's own matmuls: the ceiling of every implementation's img/s "
+             "and ratios on this machine; flow ms = a step's time beyond it (the flow's own work).\n\n"
+             + markdown_table(["model", "impl", "ms/step", "img/s", "x eager", "x best peer", "flow ms", "saved MB",
+                               "peak MB"],
                               body))
     if skipped:
         table += "\n\nNot run: " + "; ".join(skipped)

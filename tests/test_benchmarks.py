@@ -72,6 +72,45 @@ def test_step_peak_bytes_follows_live_tensors():
     assert training.step_peak_bytes(step, "cpu") == 8_000_000  # y and z at once
 
 
+@pytest.mark.parametrize("norm, first_needs_grad", [(None, False), ("actnorm", True)])
+def test_conditioner_floor_steps_the_conditioners_alone(norm, first_needs_grad):
+    from flowkern.models import RealNVP
+
+    torch.manual_seed(0)
+    model = RealNVP(12, layers=3, hidden=5, coupling="affine", norm=norm)
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        model.log_prob(x)  # ActNorm's initialisation
+    nets = [m.conditioner for m in model.modules() if hasattr(m, "conditioner")]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = training.conditioner_floor_step(model, x)
+    seen = []
+    for net in nets:
+        net[0].register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), args[0].requires_grad)))
+    step()
+    # What log_prob feeds them: the first reads the data, unless a layer with parameters sits before it.
+    assert seen == [((4, 6), first_needs_grad), ((4, 6), True), ((4, 6), True)]
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (".conditioner." in name), name  # AdamW stepped the conditioners, nothing else
+
+
+def test_conditioner_floor_of_glow_runs_its_convnets():
+    from flowkern.models import Glow
+
+    model = Glow((1, 8, 8), levels=2, steps=1, hidden=4)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        model.log_prob(x)
+    shapes = []
+    for m in model.modules():
+        if hasattr(m, "conditioner"):
+            m.conditioner.register_forward_hook(lambda mod, args, out: shapes.append(args[0].dim()))
+    training.conditioner_floor_step(model, x)()
+    assert shapes and set(shapes) == {4}
+    assert training.conditioner_floor_step(torch.nn.Linear(2, 2), x) is None
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
     from benchmarks import __main__ as cli
@@ -97,6 +136,10 @@ def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
     for cfg in tiny:
         impls = {r["impl"] for r in rows if r["case"] == cfg.name and r["suite"] == "train"}
         assert {"eager"} <= impls
+        assert training.FLOOR in impls  # the conditioners-only ceiling
+        for r in rows:
+            if r["case"] == cfg.name and r["suite"] == "train" and r["impl"] != training.FLOOR:
+                assert r["extra"]["flow_ms"] is not None
         if cfg.model == "glow" and GLOW_PEERS["normflows"]((1, 28, 28), 1, 1, 2) is not None:
             assert "normflows" in impls
     md = (tmp_path / "t.md").read_text()
