@@ -79,7 +79,8 @@ TRAIN_DEFAULTS: Dict[str, object] = {
     "data": "mnist", "root": "data", "download": False, "holdout": None,
     "out": None, "steps": None, "epochs": None, "batch_size": 256, "lr": 1e-3, "warmup": 100,
     "schedule": "cosine", "weight_decay": 0.0, "clip": 1.0, "seed": 0,
-    "backend": "auto", "device": "auto", "threads": None, "deterministic": False,
+    "backend": "auto", "device": "auto", "threads": None, "deterministic": False, "compile": False,
+    "memory_saving": False,
     "eval_every": 0, "eval_batch_size": 1000, "eval_limit": None, "checkpoint_every": 0, "log_every": 100,
     "n_samples": 64, "resume": None, "overwrite": False, "stop_at": None, "time_limit": None, "quiet": False, "progress": None,
 }
@@ -728,6 +729,12 @@ def check_config(config: dict) -> dict:
         raise UsageError(f"--scale must be one of {SCALES}, got {cfg['scale']!r}")
     if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise UsageError(f"--seed must be a non-negative int, got {cfg['seed']!r}")
+    ms = cfg["memory_saving"]
+    if not (isinstance(ms, bool) or (isinstance(ms, int) and ms >= 1)):
+        raise UsageError(f"--memory-saving takes an int >= 1 (keep every k-th layer's input), got {ms!r}")
+    if ms and cfg["compile"]:
+        raise UsageError("--memory-saving runs its backward eagerly, layer by layer; under --compile the flow would "
+                         "silently fall back to standard backprop: choose one")
     if cfg["backend"] not in flowkern.BACKENDS:
         raise UsageError(f"--backend must be one of {flowkern.BACKENDS}, got {cfg['backend']!r}")
     return cfg
@@ -923,12 +930,18 @@ class _Run:
             torch.manual_seed(cfg["seed"] + _RANK_SEED * rt.rank)
 
         self.last_lr = self._lr()  # the rate of the latest step, for the metrics
+        # A way of running the model, not part of it: the checkpoint's model spec leaves it out.
+        model.memory_saving = cfg["memory_saving"]
         self.net = _BitsPerDim(model, spec)
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP broadcasts rank 0's parameters and buffers here, so the ranks start equal.
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg["compile"]:
+            # The training objective only (forward and, through AOTAutograd, backward); evaluation
+            # and sampling stay eager. Batches are all the same size (drop_last): one graph.
+            self.net = torch.compile(self.net, dynamic=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.metrics = MetricsLog(self.out, rows, rt.main)
 
@@ -1079,6 +1092,8 @@ class _Run:
                  + (f" ({rt.world} processes x {self.local_batch})" if rt.world > 1 else "")
                  + f", {self.total} steps; device {rt.device}, backend {flowkern.get_backend()}, "
                    f"AdamW ({self.opt_impl})"
+                 + (", torch.compile" if cfg["compile"] else "")
+                 + (", memory-saving backprop" if cfg["memory_saving"] else "")
                  + (f"; resuming at step {self.step}" if self.ckpt is not None else ""))
         self.log(f"  run folder {self.out}")
         self.window_steps = self.window_images = 0

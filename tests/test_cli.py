@@ -38,7 +38,8 @@ def test_help_texts(capsys):
     for command, flags in {
         "train": ["--data", "--root", "--download", "--out", "--steps", "--epochs", "--batch-size", "--lr", "--layers",
                   "--hidden", "--seed", "--backend", "--resume", "--model", "--coupling", "--norm", "--warmup",
-                  "--clip", "idx:TRAIN,TEST", "synthetic", "torchrun", "exit codes"],
+                  "--clip", "idx:TRAIN,TEST", "synthetic", "torchrun", "exit codes", "--compile",
+                  "--memory-saving"],
         "sample": ["--checkpoint", "--n", "--temperature", "--out"],
         "eval": ["--checkpoint", "--data", "--split"],
         "ood": ["--checkpoint", "--in-data", "--out-data", "AUROC", "Nalisnick", "noise"],
@@ -52,6 +53,16 @@ def test_help_texts(capsys):
     assert cli.main(["train", "--steps", "0"]) == 2
     assert cli.main(["train", "--steps", "2", "--epochs", "2", "--out", "x"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, memory_saving, compile", [
+    ([], False, False), (["--memory-saving"], True, False), (["--memory-saving", "3"], 3, False),
+    (["--compile"], False, True)])
+def test_memory_saving_and_compile_flags(flags, memory_saving, compile):
+    parser = cli.build_parser()
+    argv = ["train", "--out", "x", *flags]
+    cfg = cli._train_config(parser.parse_args(argv), cli._explicit(parser, "train", argv))
+    assert cfg["memory_saving"] == memory_saving and cfg["compile"] == compile
 
 
 def test_console_script_is_declared():

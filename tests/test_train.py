@@ -269,6 +269,44 @@ def test_model_variants_train_sample_and_score(tmp_path, options):
     assert [os.path.basename(p) for p in paths] == ["s_t0.5.png", "s_t1.png"]
 
 
+def test_memory_saving_trains_the_same_model(tmp_path, monkeypatch):
+    """--memory-saving: backprop through the inverses, the same parameters after training
+    (to float32 round-off), and the flow really ran that way."""
+    from flowkern.nn import memory
+
+    calls = []
+    forward = memory.memory_saving_forward
+    monkeypatch.setattr(memory, "memory_saving_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    args = dict(steps=4, eval_every=0, log_every=0, n_samples=0)
+    run(tmp_path, "standard", **args)
+    assert not calls
+    run(tmp_path, "saving", memory_saving=True, **args)
+    assert len(calls) >= 4
+    a, b = state(tmp_path / "standard")["model_state"], state(tmp_path / "saving")["model_state"]
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
+    config = json.load(open(tmp_path / "saving" / "config.json"))["config"]
+    assert config["memory_saving"] is True
+    # The checkpoint's model is the plain model: it loads and samples as any other.
+    model, _ = T.load_model(T.load_checkpoint(str(tmp_path / "saving" / "checkpoint.pt")), torch.device("cpu"))
+    assert model.memory_saving is False
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model(tmp_path):
+    """--compile: the same parameters as eager training. Without dequantization, since a traced
+    step draws its noise with torch.rand instead of the kernel's counter noise (a different
+    stream; 3 steps on raw pixels stay finite)."""
+    args = dict(steps=3, eval_every=0, log_every=0, n_samples=0, layers=1, hidden=8, dequantize="none")
+    run(tmp_path, "eager", **args)
+    run(tmp_path, "compiled", compile=True, **args)
+    a, b = state(tmp_path / "eager")["model_state"], state(tmp_path / "compiled")["model_state"]
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
+
+
 def test_option_errors(tmp_path):
     with pytest.raises(T.UsageError, match="--out"):
         T.train(dict(TINY))
@@ -284,6 +322,10 @@ def test_option_errors(tmp_path):
         run(tmp_path, steps=2, lr=-1.0)
     with pytest.raises(T.UsageError, match="unknown training options"):
         run(tmp_path, steps=2, learning_rate=1.0)
+    with pytest.raises(T.UsageError, match="--memory-saving takes an int >= 1"):
+        run(tmp_path, steps=2, memory_saving=0)
+    with pytest.raises(T.UsageError, match="choose one"):
+        run(tmp_path, steps=2, memory_saving=True, compile=True)
 
 
 def test_evaluate_and_ood(tmp_path):
