@@ -200,7 +200,8 @@ def _optimizer(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
 FLOOR = "conditioners only"
 
 
-def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor) -> Optional[Callable[[], None]]:
+def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor,
+                           compile: bool = False) -> Optional[Callable[[], None]]:
     """A training step of `model`'s coupling conditioners alone (None when it has no coupling):
     the same networks and fused AdamW, fed what they are fed in model.log_prob(x) (shapes, and
     whether the input needs a gradient) as fixed tensors, with fixed output gradients, and every
@@ -208,6 +209,10 @@ def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor) -> Optional[
     taken out. Every implementation of the model runs these networks, so none steps faster than
     this with torch's own matmuls and convolutions on the machine: its img/s is the ceiling of
     every "x eager" and "x best peer" ratio.
+
+    compile: run the conditioners' forward (and so, through AOTAutograd, their backward) as one
+    torch.compile graph, the ceiling of a compiled implementation (python -m benchmarks.ceiling
+    compares the two).
     """
     from flowkern.nn.coupling import _Coupling
 
@@ -227,9 +232,15 @@ def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor) -> Optional[
               torch.randn(out_shape, generator=g).to(x.device)) for net, shape, needs_grad, out_shape in seen]
     opt = _optimizer(torch.nn.ModuleList(nets), x.device.type)
 
+    def forward():
+        return [net(v) for net, v, _ in calls]
+
+    if compile:
+        forward = torch.compile(forward, dynamic=False)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.autograd.backward([net(v) for net, v, _ in calls], [grad for _, _, grad in calls])
+        torch.autograd.backward(forward(), [grad for _, _, grad in calls])
         opt.step()
     return step
 

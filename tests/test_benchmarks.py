@@ -112,6 +112,26 @@ def test_conditioner_floor_of_glow_runs_its_convnets():
 
 
 @pytest.mark.slow
+def test_ceiling_suite_on_tiny_models(tmp_path, monkeypatch):
+    from benchmarks import ceiling, common
+
+    tiny = [training.Config("realnvp", "affine", None, 2, 8, 4), training.Config("realnvp", "affine", "actnorm", 2, 8, 4)]
+    monkeypatch.setitem(training.CONFIGS, "quick", tiny)
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    assert ceiling.main(["--budget", "0.01", "--only", "RealNVP"]) == 0
+    rows = json.loads((tmp_path / "ceiling-cpu.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == [c.name for c in tiny]
+    for r in rows:
+        e = r["extra"]
+        assert {"eager", "flowkern", ceiling.EAGER_FLOOR, ceiling.COMPILED_FLOOR} <= set(e)
+        assert r["median_us"] == pytest.approx(1e3 * min(e[ceiling.EAGER_FLOOR], e[ceiling.COMPILED_FLOOR]))
+        assert e["ceiling_vs_eager"] == pytest.approx(e["eager"] / (r["median_us"] / 1e3))
+    installed = any(build(784, 2, 8, "affine") is not None for build in training.PEERS.values())
+    assert (rows[0]["extra"]["best_peer"] is not None) == installed  # peers only on logits input
+    assert rows[1]["extra"]["best_peer"] is None
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
     from benchmarks import __main__ as cli
     from benchmarks import common
