@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (make gpu-check): on a machine with CUDA, build the extension with its CUDA kernels,
-# run the GPU tests (every backend against the reference on the GPU, fp32/fp16/bf16) and the
-# benchmarks, and put every log and result in one folder: $OUT if set, else gpu-check/.
+# run the GPU tests (every backend against the reference on the GPU, fp32/fp16/bf16), the
+# benchmarks and the training-step ceilings, and put every log and result in one folder: $OUT if
+# set, else gpu-check/.
 # Uses the machine's own python3/torch (no venv, no network): pip builds offline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,4 +35,8 @@ echo "== memory-saving backprop" | tee -a "$out/summary.txt"
 timeout 120 "$py" -m benchmarks.memory_saving --device cuda > "$out/memory_saving.log" 2>&1 || status=1
 cp benchmarks/results/memory_saving-cuda.json benchmarks/results/memory_saving-cuda.md "$out/" 2>/dev/null || true
 grep "|" "$out/memory_saving.log" | tee -a "$out/summary.txt"
+echo "== training-step ceilings" | tee -a "$out/summary.txt"
+timeout 150 "$py" -m benchmarks.ceiling --device cuda --budget 1 > "$out/ceiling.log" 2>&1 || status=1
+cp benchmarks/results/ceiling-cuda.json benchmarks/results/ceiling-cuda.md "$out/" 2>/dev/null || true
+grep "|" "$out/ceiling.log" | tee -a "$out/summary.txt"
 exit $status
