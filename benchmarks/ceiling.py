@@ -23,7 +23,7 @@ import flowkern
 from . import training
 from .common import Row, describe_machine, interleaved_medians, machine, markdown_table, write_results
 
-EAGER_FLOOR, COMPILED_FLOOR = "conditioners only", "conditioners only, compiled"
+EAGER_FLOOR, COMPILED_FLOOR = training.FLOOR, training.FLOOR_COMPILED
 
 
 def ceiling_suite(device: str, budget_s: float, only: str = "") -> tuple[list[Row], str]:
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
         p.error("--device cuda: no CUDA device is visible")
     info = machine(args.device)
     print(f"# training-step ceilings on {describe_machine(info)}\n", flush=True)
+    names = [c.name for c in training.configs(args.device, quick=True)]
+    if not any(args.only in n for n in names):
+        p.error(f"--only {args.only!r} matches none of the models: {', '.join(names)}")
     t0 = time.perf_counter()
     rows, table = ceiling_suite(args.device, args.budget, args.only)
     print(table + f"\n\n({time.perf_counter() - t0:.0f} s)\n", flush=True)

@@ -7,7 +7,8 @@ from typing import Optional
 
 COLOURS = {"eager": (150, 150, 150), "compile": (100, 100, 100), "flowkern": (31, 119, 180),
            "flowkern+compile": (23, 190, 207), "flowkern-triton": (148, 103, 189), "nflows": (255, 127, 14),
-           "zuko": (44, 160, 44), "normflows": (214, 39, 40), "conditioners only": (210, 210, 210)}
+           "zuko": (44, 160, 44), "normflows": (214, 39, 40), "conditioners only": (210, 210, 210),
+           "conditioners only, compiled": (185, 185, 185)}
 SECTIONS = {"train": "training step", "realnvp_train": "training step", "sample": "sampling"}
 
 

@@ -80,6 +80,12 @@ def _pos_float(text: str) -> float:
     return v
 
 
+def _memory_saving(text: str):
+    """--memory-saving K: 0 is off (False), K >= 1 keeps every K-th layer's input."""
+    k = _int(0)(text)
+    return False if k == 0 else k
+
+
 def _int(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -190,13 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     _system_args(g)
     g.add_argument("--threads", metavar="N", type=_int(1), help="CPU threads (torch.set_num_threads)")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms (GPU runs)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=D["compile"],
                    help="torch.compile the training step: the first step takes the compile time, the later ones "
-                        "run 6-14%% faster on a CPU; the dequantization noise then comes from torch.rand, another "
+                        "run 5-14%% faster on a CPU; the dequantization noise then comes from torch.rand, another "
                         "random stream than an eager run's")
-    g.add_argument("--memory-saving", nargs="?", const=True, default=D["memory_saving"], type=_int(1), metavar="K",
-                   help="backprop through the layers' exact inverses: activation memory independent of depth, "
-                        "for about one more pass per step; K also keeps every K-th layer's input")
+    g.add_argument("--memory-saving", nargs="?", const=True, default=D["memory_saving"], type=_memory_saving,
+                   metavar="K", help="backprop through the layers' exact inverses: activation memory independent of "
+                                     "depth, for about one more pass per step; K also keeps every K-th layer's input "
+                                     "(0: off, e.g. when resuming a run that had it)")
     t.set_defaults(func=_cmd_train)
 
     # ----------------------------------------------------------------------------- sample

@@ -729,9 +729,12 @@ def check_config(config: dict) -> dict:
         raise UsageError(f"--scale must be one of {SCALES}, got {cfg['scale']!r}")
     if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise UsageError(f"--seed must be a non-negative int, got {cfg['seed']!r}")
+    if not isinstance(cfg["compile"], bool):
+        raise UsageError(f"compile must be True or False, got {cfg['compile']!r}")
     ms = cfg["memory_saving"]
     if not (isinstance(ms, bool) or (isinstance(ms, int) and ms >= 1)):
-        raise UsageError(f"--memory-saving takes an int >= 1 (keep every k-th layer's input), got {ms!r}")
+        raise UsageError(f"--memory-saving takes an int >= 1 (keep every k-th layer's input; 0 on the command "
+                         f"line: off), got {ms!r}")
     if ms and cfg["compile"]:
         raise UsageError("--memory-saving runs its backward eagerly, layer by layer; under --compile the flow would "
                          "silently fall back to standard backprop: choose one")
@@ -1101,6 +1104,9 @@ class _Run:
         self.progress = _Progress(self, self.step, self.target)
         epoch_samples = os.path.join(self.out, "samples")
         self.net.train()
+        compiling = bool(cfg["compile"])
+        if compiling and self.step < self.target:
+            self.log("  compiling the training step (the first step; left out of img/s)")
         try:
             while self.step < self.target:
                 self.sampler.set_epoch(self.epoch)
@@ -1114,11 +1120,15 @@ class _Run:
                     self.step += 1
                     self.batch += 1
                     self.window_steps += 1
-                    self.window_images += cfg["batch_size"]
                     self.window_bpd += bpd
                     self.window_gnorm += gnorm
-                    self.window_time += dt
-                    self.progress.update(self.window_bpd / self.window_steps, self.window_images / self.window_time)
+                    if compiling:  # the first step under --compile: its time is the compile's
+                        compiling = False
+                    else:
+                        self.window_images += cfg["batch_size"]
+                        self.window_time += dt
+                    self.progress.update(self.window_bpd / self.window_steps,
+                                         self.window_images / self.window_time if self.window_time else 0.0)
                     if self.step >= self.target:
                         break
                     evaluate = bool(cfg["eval_every"]) and self.step % cfg["eval_every"] == 0

@@ -112,6 +112,25 @@ def test_conditioner_floor_of_glow_runs_its_convnets():
 
 
 @pytest.mark.slow
+def test_compiled_rows_measure_their_flow_from_the_compiled_ceiling(monkeypatch):
+    tiny = training.Config("realnvp", "affine", None, 2, 8, 4)  # compile=True
+    monkeypatch.setitem(training.CONFIGS, "quick", [tiny])
+    timer = training._time_interleaved
+    monkeypatch.setattr(training, "_time_interleaved", lambda fns, device, budget_s: timer(fns, device, 1e-4))
+    rows, table = training.train_suite("cpu", True, 0.0)
+    ms = {r.impl: r.median_us / 1e3 for r in rows}
+    flow = {r.impl: r.extra["flow_ms"] for r in rows}
+    assert {"compile", training.FLOOR, training.FLOOR_COMPILED} <= set(ms)
+    for name in ms:
+        if name in (training.FLOOR, training.FLOOR_COMPILED):
+            assert flow[name] is None
+        else:
+            floor = training.FLOOR_COMPILED if "compile" in name else training.FLOOR
+            assert flow[name] == pytest.approx(ms[name] - ms[floor])
+    assert training.FLOOR_COMPILED in table
+
+
+@pytest.mark.slow
 def test_ceiling_suite_on_tiny_models(tmp_path, monkeypatch):
     from benchmarks import ceiling, common
 
@@ -126,6 +145,8 @@ def test_ceiling_suite_on_tiny_models(tmp_path, monkeypatch):
         assert {"eager", "flowkern", ceiling.EAGER_FLOOR, ceiling.COMPILED_FLOOR} <= set(e)
         assert r["median_us"] == pytest.approx(1e3 * min(e[ceiling.EAGER_FLOOR], e[ceiling.COMPILED_FLOOR]))
         assert e["ceiling_vs_eager"] == pytest.approx(e["eager"] / (r["median_us"] / 1e3))
+    with pytest.raises(SystemExit):
+        ceiling.main(["--only", "no such model"])
     installed = any(build(784, 2, 8, "affine") is not None for build in training.PEERS.values())
     assert (rows[0]["extra"]["best_peer"] is not None) == installed  # peers only on logits input
     assert rows[1]["extra"]["best_peer"] is None
@@ -157,6 +178,7 @@ def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
         impls = {r["impl"] for r in rows if r["case"] == cfg.name and r["suite"] == "train"}
         assert {"eager"} <= impls
         assert training.FLOOR in impls  # the conditioners-only ceiling
+        assert training.FLOOR_COMPILED not in impls  # only beside compiled rows (none in these configs)
         for r in rows:
             if r["case"] == cfg.name and r["suite"] == "train" and r["impl"] != training.FLOOR:
                 assert r["extra"]["flow_ms"] is not None

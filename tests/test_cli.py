@@ -57,7 +57,7 @@ def test_help_texts(capsys):
 
 @pytest.mark.parametrize("flags, memory_saving, compile", [
     ([], False, False), (["--memory-saving"], True, False), (["--memory-saving", "3"], 3, False),
-    (["--compile"], False, True)])
+    (["--compile"], False, True), (["--memory-saving", "0", "--no-compile"], False, False)])
 def test_memory_saving_and_compile_flags(flags, memory_saving, compile):
     parser = cli.build_parser()
     argv = ["train", "--out", "x", *flags]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flowkern
+import flowkern.data
 from flowkern import train as T
 
 pytest.importorskip("torchvision")
@@ -294,17 +295,51 @@ def test_memory_saving_trains_the_same_model(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_trains_the_same_model(tmp_path):
-    """--compile: the same parameters as eager training. Without dequantization, since a traced
-    step draws its noise with torch.rand instead of the kernel's counter noise (a different
-    stream; 3 steps on raw pixels stay finite)."""
-    args = dict(steps=3, eval_every=0, log_every=0, n_samples=0, layers=1, hidden=8, dequantize="none")
-    run(tmp_path, "eager", **args)
-    run(tmp_path, "compiled", compile=True, **args)
-    a, b = state(tmp_path / "eager")["model_state"], state(tmp_path / "compiled")["model_state"]
+def test_compiled_objective_has_the_eager_gradients():
+    """The objective --compile trains, compiled, gives eager's loss and gradients. Without
+    dequantization: a traced step draws its noise with torch.rand instead of the kernel's
+    counter noise (another stream)."""
+    torch._dynamo.reset()
+    spec = T.model_spec(dict(T.TRAIN_DEFAULTS, layers=2, hidden=8, dequantize="none"), (1, 28, 28))
+    torch.manual_seed(0)
+    model = T.build_model(spec)
+    pixels = flowkern.data.synthetic_digits(16)
+    with torch.no_grad():
+        T.bits_per_dim(model, spec, pixels)  # ActNorm's initialisation
+    net = T._BitsPerDim(model, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_loss = net(pixels).mean()
+    eager = torch.autograd.grad(eager_loss, params)
+    compiled_loss = torch.compile(net, dynamic=False)(pixels).mean()
+    compiled = torch.autograd.grad(compiled_loss, params)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    for p, a, b in zip(params, eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-30)
+
+
+@pytest.mark.slow
+def test_compile_runs_and_resumes_as_one_graph(tmp_path):
+    """flowkern train --compile: no graph break, fresh or resumed (a loaded ActNorm re-reads its
+    initialised flag, which must not happen inside the graph); a resumed compiled run ends where
+    a straight one does; the compile step stays out of img/s."""
+    from torch._dynamo.utils import counters
+
+    args = dict(steps=3, eval_every=0, log_every=1, n_samples=0, layers=1, hidden=8, dequantize="none", compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    run(tmp_path, "straight", **args)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1
+    rows = state(tmp_path / "straight")["metrics"]
+    assert rows[0]["img_per_s"] is None and rows[1]["img_per_s"] > 0
+    run(tmp_path, "split", stop_at=2, **args)
+    torch._dynamo.reset()
+    counters.clear()
+    T.train(dict(TINY, out=str(tmp_path / "split"), resume=str(tmp_path / "split"), **args))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    a, b = state(tmp_path / "straight")["model_state"], state(tmp_path / "split")["model_state"]
     for k in a:
         if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-4, msg=k)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_option_errors(tmp_path):

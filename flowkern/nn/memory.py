@@ -19,8 +19,10 @@ Couplings do better than inverse-then-recompute: their conditioner sees the kept
 context), which is the same in y and x, so it runs once, with grad, inside the inverse, and the
 recompute reuses its output (grafted onto the recompute's own input, so gradients reach x and
 the context). With F a forward and B a backward (B ~ 2F), standard backprop costs F + B and
-memory-saving about 2F + B: ~1.33x where the conditioners dominate (1.5x measured at depth 32
-with small conditioners on a 2-core CPU, benchmarks/memory_saving.py).
+memory-saving about 2F + B: ~1.33x where the conditioners dominate. Block-mask affine
+couplings do better still: AffineCoupling.fused_backward_from_output rebuilds x and computes the
+transform's gradients in one kernel pass (1.30x measured at depth 32, hidden 128, on a 2-core
+CPU; 1.5x before that fused step; benchmarks/memory_saving.py).
 
 Layers kept as ordinary checkpoints (their input is stored in the forward pass and the layer
 is recomputed from it, not reconstructed): BatchNormFlow in training mode (its forward uses

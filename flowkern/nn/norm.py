@@ -88,7 +88,10 @@ class ActNorm(_ChannelLayer):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._initialized_seen = False  # re-read the loaded buffer on the next call
+        # Read the loaded flag now, not on the next call: a read there is a graph break under
+        # torch.compile (Tensor.item), which would leave a compiled flow's layer loop eager.
+        flag = self.initialized
+        self._initialized_seen = flag.device.type != "meta" and bool(flag)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
