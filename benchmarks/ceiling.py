@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 import flowkern
 
 from . import training
-from .common import Row, describe_machine, interleaved_medians, machine, markdown_table, write_results
+from .common import Row, describe_machine, interleaved_medians, machine, markdown_table, run_and_write
 
 EAGER_FLOOR, COMPILED_FLOOR = training.FLOOR, training.FLOOR_COMPILED
 
@@ -86,12 +85,7 @@ def main(argv=None) -> int:
     names = [c.name for c in training.configs(args.device, quick=True)]
     if not any(args.only in n for n in names):
         p.error(f"--only {args.only!r} matches none of the models: {', '.join(names)}")
-    t0 = time.perf_counter()
-    rows, table = ceiling_suite(args.device, args.budget, args.only)
-    print(table + f"\n\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
-    json_path, md_path = write_results(f"ceiling-{args.device}", info, rows, [table])
-    print(f"results: {json_path}, {md_path}")
-    return 0
+    return run_and_write(f"ceiling-{args.device}", info, lambda: ceiling_suite(args.device, args.budget, args.only))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,17 @@ def write_results(name: str, info: dict, rows: list, tables: list[str]) -> tuple
     return json_path, md_path
 
 
+def run_and_write(name: str, info: dict, suite: Callable[[], tuple[list, str]]) -> int:
+    """A standalone benchmark's end: runs suite() -> (rows, table), prints the table with the time
+    it took, writes results/<name>.json and .md, and says where. Returns the exit status."""
+    t0 = time.perf_counter()
+    rows, table = suite()
+    print(table + f"\n\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
+    json_path, md_path = write_results(name, info, rows, [table])
+    print(f"results: {json_path}, {md_path}")
+    return 0
+
+
 def markdown_table(header: list[str], body: list[list[object]]) -> str:
     def fmt(v):
         if isinstance(v, float):

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .common import Row, describe_machine, machine, markdown_table, sync, write_results
+from .common import Row, describe_machine, machine, markdown_table, run_and_write, sync
 from .peers import nflows_realnvp
 
 FEATURES = 784
@@ -201,12 +201,8 @@ def main(argv=None) -> int:
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     info = machine(args.device)
     print(f"# memory-saving backprop ({'quick' if quick else 'full'}) on {describe_machine(info)}\n", flush=True)
-    t0 = time.perf_counter()
-    rows, table = memory_saving_suite(args.device, quick, 0.3 if quick else 1.0, depths)
-    print(table + f"\n\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
-    json_path, md_path = write_results(f"memory_saving-{args.device}", info, rows, [table])
-    print(f"results: {json_path}, {md_path}")
-    return 0
+    return run_and_write(f"memory_saving-{args.device}", info,
+                         lambda: memory_saving_suite(args.device, quick, 0.3 if quick else 1.0, depths))
 
 
 if __name__ == "__main__":
