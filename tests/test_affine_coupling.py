@@ -293,9 +293,8 @@ def test_double_backward_raises_instead_of_lying(backend, device):
     x, t, s = (a.requires_grad_() for a in make_inputs((2, 3), device=device))
     with flowkern.backend(backend):
         y, ld = affine_coupling(x, t, s, scale="sigmoid")
-        (gs,) = torch.autograd.grad((y ** 2).sum() + ld.sum(), s, create_graph=True)
-        with pytest.raises(RuntimeError, match="once_differentiable"):
-            gs.sum().backward()
+        with pytest.raises(RuntimeError, match="no derivative of its own.*flowkern.backend\\('reference'\\)"):
+            torch.autograd.grad((y ** 2).sum() + ld.sum(), s, create_graph=True)
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())

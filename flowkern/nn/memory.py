@@ -64,6 +64,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops import _checks
+from ..ops._autograd import second_order_error
 from .flow import FlowLayer
 
 # How a layer is handled (decided in the forward pass, per call):
@@ -447,8 +448,13 @@ class _Graft(torch.autograd.Function):
         return held.out.detach()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        second_order_error("memory-saving backprop")  # before once_differentiable turns grad mode off
+        return _Graft._first_order(ctx, grad_out)
+
+    @staticmethod
+    @once_differentiable
+    def _first_order(ctx, grad_out):
         held, params = ctx.held, ctx.params
         ctx.held = None
         if grad_out is None:
@@ -492,8 +498,13 @@ class _MemorySavingFunction(torch.autograd.Function):
         return z, logdet_out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_z, grad_logdet):
+        second_order_error("memory-saving backprop")  # before once_differentiable turns grad mode off
+        return _MemorySavingFunction._first_order(ctx, grad_z, grad_logdet)
+
+    @staticmethod
+    @once_differentiable
+    def _first_order(ctx, grad_z, grad_logdet):
         z, context, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]  # (x, context, logdet, *params) after (layers, keep_every)
         params = _unique_parameters(ctx.layers)

@@ -10,8 +10,12 @@ autograd.Functions:
 - one with setup_context, used only under torch.func transforms (jacrev, vmap, grad), which
   require it; vmap reaches the kernel ops themselves, whose rules are in _vmap.py.
 
-Both backwards are once_differentiable: the backward kernels have no derivative of their own,
-so double backward raises rather than returning a wrong answer.
+The backward kernels have no derivative of their own, so a backward asked for one raises
+(second_order_error) rather than returning a wrong answer: under create_graph=True (a gradient
+penalty, a Hessian-vector product) and inside nested torch.func gradient transforms
+(jacrev(grad(f))). once_differentiable alone is not enough: it raises only when the incoming
+gradient itself requires grad, and autograd.grad(..., inputs=...) can route around its error
+node, both of which silently dropped the second-order terms.
 """
 from __future__ import annotations
 
@@ -21,11 +25,40 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+_DIFFERENTIATING = ("TransformType.Grad", "TransformType.Jvp")
+
+
+def second_order_error(name: str) -> None:
+    """Raises if this backward's own result is to be differentiated: eager autograd with
+    create_graph=True (grad mode on inside a backward outside torch.func), or two or more
+    gradient transforms of torch.func active around it. First-order torch.func.grad / jacrev
+    (one Grad level, vmaps allowed) passes. Not checked while torch.compile traces the backward
+    (Dynamo cannot trace the interpreter stack; AOTAutograd differentiates once)."""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack()
+    if stack is None:
+        higher = torch.is_grad_enabled()
+    else:
+        higher = sum(str(i.key()) in _DIFFERENTIATING for i in stack) >= 2
+    if higher:
+        raise RuntimeError(
+            f"flowkern: {name}'s fused backward kernel has no derivative of its own, and this backward was asked "
+            "for one (create_graph=True, e.g. a gradient penalty or a Hessian-vector product, or nested "
+            "torch.func gradients). Run that code under flowkern.backend('reference'), whose ops are plain "
+            "differentiable PyTorch; first-order gradients work on every backend.")
+
+
 def kernel_functions(name: str, run: Callable, save: Callable, backward: Callable):
     """(Plain, Func) autograd.Function classes over one op's kernels; see the module docstring."""
 
-    def _backward(ctx, grad_out, grad_logdet, *_grad_extras):
+    @once_differentiable
+    def _first_order(ctx, grad_out, grad_logdet, *_grad_extras):
         return backward(ctx, grad_out, grad_logdet)
+
+    def _backward(ctx, *grads):
+        second_order_error(name)  # before once_differentiable turns grad mode off
+        return _first_order(ctx, *grads)
 
     def _save(ctx, inputs, outputs):
         ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
@@ -46,7 +79,7 @@ def kernel_functions(name: str, run: Callable, save: Callable, backward: Callabl
 
     # type() rather than a class statement: autograd names the backward node after the class
     # when it is created, and "AffineCouplingFunctionBackward" reads better than a generic name.
-    backward_fn = staticmethod(once_differentiable(_backward))
+    backward_fn = staticmethod(_backward)
     plain = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(plain_forward), "backward": backward_fn, "__module__": __name__})
     func = type(name + "Func", (torch.autograd.Function,), {
