@@ -226,6 +226,11 @@ class _Coupling(FlowLayer):
 
     def check_input(self, x: torch.Tensor) -> None:
         _checks.tensor("x", x, min_dim=2)
+        # (Memory-saving backprop's stand-ins for the conditioner hold no parameters: no check.)
+        weight = next(self.conditioner.parameters(), None)
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the dtype of the layer's parameters ({weight.dtype}), got {x.dtype}: "
+                            "cast the flow (e.g. flow.double()) or the data, or run under torch.autocast")
         if self.IMAGES:
             if x.dim() != 4 or x.shape[1] != self.features:
                 raise ValueError(f"x must have shape (batch, {self.features}, height, width), got {tuple(x.shape)}")

@@ -9,6 +9,7 @@ Unconditional layers ignore `context`.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,6 +18,18 @@ from torch import nn
 from ..ops.gaussian_nll import gaussian_nll
 
 Shape = Union[int, Sequence[int]]
+
+
+def _count(name: str, n) -> int:
+    """n as a non-negative Python int (numpy and 0-d integer tensors too, as operator.index
+    takes them; not bools or floats)."""
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    return value
 
 
 class FlowLayer(nn.Module):
@@ -54,8 +67,7 @@ class StandardNormal(nn.Module):
         return -gaussian_nll(self._check_shape(z))
 
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        n = _count("n", n)
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         z = torch.randn((n, *self.shape), device=self._anchor.device, dtype=self._anchor.dtype)
@@ -155,6 +167,7 @@ class Flow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n samples; with context (n, C) (or (1, C), repeated), one sample per context row."""
+        n = _count("n", n)
         if context is not None and context.shape[0] == 1 and n != 1:
             context = context.expand(n, *context.shape[1:])
         if context is not None and context.shape[0] != n:

@@ -29,15 +29,17 @@ def _register_permutation(module: nn.Module, perm: torch.Tensor) -> None:
     and its cached inverse `inverse_permutation` (recomputed after every load_state_dict)."""
     module.register_buffer("permutation", perm.to(torch.long).clone())
     module.register_buffer("inverse_permutation", torch.argsort(module.permutation), persistent=False)
+    module.register_load_state_dict_post_hook(_refresh_inverse_permutation)
 
-    def refresh(mod, incompatible_keys):
-        perm = mod.permutation
-        if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel(), device=perm.device)):
-            raise ValueError(f"the loaded permutation of {type(mod).__name__} is not a permutation of "
-                             f"0..{perm.numel() - 1}: {perm.tolist()}")
-        mod.inverse_permutation = torch.argsort(perm)
 
-    module.register_load_state_dict_post_hook(refresh)
+def _refresh_inverse_permutation(mod: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of _register_permutation (a module-level function, so that
+    torch.save of a whole model pickles)."""
+    perm = mod.permutation
+    if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel(), device=perm.device)):
+        raise ValueError(f"the loaded permutation of {type(mod).__name__} is not a permutation of "
+                         f"0..{perm.numel() - 1}: {perm.tolist()}")
+    mod.inverse_permutation = torch.argsort(perm)
 
 
 def _zero_logdet(x: torch.Tensor, logdet: Optional[torch.Tensor]) -> torch.Tensor:
@@ -96,10 +98,12 @@ class _LULayer(FlowLayer):
     def _solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """x with x @ W^T = rows, for rows (M, size): W^T = U^T L^T P^T, so x U^T L^T = rows P,
         and (rows P)[:, j] = rows[:, inverse_perm[j]]; then two triangular solves."""
-        lower, upper = (f.to(rows.dtype) for f in self._factors())
-        h = rows.index_select(1, self.inverse_permutation)
+        # Half and bfloat16 solve in float32 (no triangular-solve kernels for them), rounded once.
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        lower, upper = (f.to(dtype) for f in self._factors())
+        h = rows.to(dtype).index_select(1, self.inverse_permutation)
         h = torch.linalg.solve_triangular(lower.mT, h, upper=True, left=False, unitriangular=True)
-        return torch.linalg.solve_triangular(upper.mT, h, upper=False, left=False)
+        return torch.linalg.solve_triangular(upper.mT, h, upper=False, left=False).to(rows.dtype)
 
     def _logdet(self, x: torch.Tensor, logdet: Optional[torch.Tensor], positions: int,
                 inverse: bool) -> torch.Tensor:
@@ -236,6 +240,11 @@ def permute_columns(x: torch.Tensor, perm: torch.Tensor, inverse_perm: torch.Ten
     return x.index_select(1, perm)
 
 
+def _refresh_transpose_rows(mod: nn.Module, incompatible_keys) -> None:
+    """Permutation's load_state_dict post-hook: whether the loaded permutation is a grid transpose."""
+    mod._rows = transpose_rows(mod.permutation)
+
+
 class Permutation(FlowLayer):
     """Permutes dim 1 (the features of (B, F), or the channels of (B, C, ...)): y[:, i] = x[:, perm[i]].
 
@@ -272,8 +281,7 @@ class Permutation(FlowLayer):
         # Whether the permutation transposes a (rows, n / rows) grid (its inverse then transposes
         # the (n / rows, rows) one), cached; re-read after every load_state_dict.
         self._rows = transpose_rows(self.permutation)
-        self.register_load_state_dict_post_hook(
-            lambda mod, keys: setattr(mod, "_rows", transpose_rows(mod.permutation)))
+        self.register_load_state_dict_post_hook(_refresh_transpose_rows)
 
     def _check(self, name: str, x: torch.Tensor) -> None:
         _checks.tensor(name, x, min_dim=2)

@@ -59,7 +59,8 @@ class ActNorm(_ChannelLayer):
     shift = -mean and log_scale = -log(std + eps) (biased std), so that the batch comes out
     with zero mean and unit variance per channel; eps keeps a constant channel finite
     (log_scale = -log(eps)). `initialized` is a persistent buffer: a loaded state dict is not
-    re-initialised. initialize(x) runs the initialisation explicitly (e.g. on a larger batch).
+    re-initialised. initialize(x) runs the initialisation explicitly (e.g. on a larger batch);
+    reset_initialization() makes the next training forward initialise again.
 
     Before initialisation a forward in eval mode applies the current parameters (the identity
     for a new layer) and inverse raises: sampling from a layer that never saw data is almost
@@ -80,6 +81,13 @@ class ActNorm(_ChannelLayer):
         self.log_scale = nn.Parameter(torch.zeros(self.features))
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized_seen = False  # a cache of the buffer once True (no tensor read per call)
+
+    def reset_initialization(self) -> None:
+        """Marks the layer uninitialised: the next training forward initialises it from its
+        batch again. (Write the flag through this, not into the `initialized` buffer: the layer
+        caches the flag once True, so that a forward reads no tensor.)"""
+        self.initialized.fill_(False)
+        self._initialized_seen = False
 
     def _is_initialized(self) -> bool:
         if not self._initialized_seen:

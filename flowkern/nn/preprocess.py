@@ -36,12 +36,14 @@ class Dequantize(FlowLayer):
     inverse(v) -> (x, logdet): x = clamp(floor(256 v), 0, 255) as float pixel values in v's
     dtype, logdet = +D log 256. Context is ignored.
 
-    The output dtype is `dtype` and follows module casts like a parameter would
+    The output dtype is `dtype` (default: torch.get_default_dtype(), as a parameter's) and
+    follows module casts like a parameter would
     (Flow(...).double() makes it float64), so the layers after it get the dtype they expect.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dtype = torch.get_default_dtype() if dtype is None else dtype  # as a parameter would be
         check_dtype(dtype)
         # Holds no value: a floating buffer that .double()/.half()/.to(dtype) convert, so the
         # output dtype moves with the rest of the flow.
@@ -101,7 +103,7 @@ class DequantizeLogit(Dequantize):
     module casts like Dequantize's.
     """
 
-    def __init__(self, alpha: float = 1e-6, dtype: torch.dtype = torch.float32):
+    def __init__(self, alpha: float = 1e-6, dtype: Optional[torch.dtype] = None):
         super().__init__(dtype)
         self.alpha = check_alpha(alpha)
 

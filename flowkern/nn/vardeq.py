@@ -46,7 +46,7 @@ class VariationalDequantize(DequantizeLogit):
     """
 
     def __init__(self, image_shape: Union[int, Sequence[int]], layers: int = 4, hidden: int = 64,
-                 alpha: float = 1e-6, dtype: torch.dtype = torch.float32):
+                 alpha: float = 1e-6, dtype: Optional[torch.dtype] = None):
         super().__init__(alpha, dtype)
         shape = (image_shape,) if isinstance(image_shape, int) else tuple(image_shape)
         if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
@@ -108,8 +108,16 @@ def importance_log_prob(flow: nn.Module, x: torch.Tensor, samples: int, context:
 
     for a flow that starts with a dequantization layer (uniform: log q = 0; variational: q's own
     density), i.e. the log-mean-exp of K calls of flow.log_prob(x). K = 1 is the usual bound;
-    the estimate's expectation rises towards log P(x) as K grows (Burda et al. 2016)."""
+    the estimate's expectation rises towards log P(x) as K grows (Burda et al. 2016).
+
+    An evaluation: the flow runs in eval mode (restored after), so the K calls neither update a
+    BatchNormFlow's running statistics nor initialise an ActNorm."""
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    draws = torch.stack([flow.log_prob(x, context) for _ in range(samples)])  # (K, B)
+    was_training = flow.training
+    flow.eval()
+    try:
+        draws = torch.stack([flow.log_prob(x, context) for _ in range(samples)])  # (K, B)
+    finally:
+        flow.train(was_training)
     return torch.logsumexp(draws.double(), dim=0) - math.log(samples)

@@ -6,6 +6,11 @@ from typing import Optional
 
 import torch
 
+try:
+    from numpy import bool_ as _numpy_bool  # np.True_ is no bool (or Integral); NumPy 2 names it "bool"
+except ImportError:  # numpy is optional
+    _numpy_bool = bool
+
 
 def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
     """Log-dets are accumulated and returned in float32, or float64 for float64 inputs."""
@@ -56,7 +61,7 @@ def choice(name: str, value, options) -> None:
 
 def flag(name: str, value) -> bool:
     """A bool option (True/False, or an integer 0/1): a string such as "no" must not read as True."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, _numpy_bool)):
         return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)
@@ -68,6 +73,8 @@ def positive(name: str, value) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         value = float(value)
+    except OverflowError:  # an int such as 10**400: beyond float, as inf
+        raise ValueError(f"{name} must be a positive finite number, got a number too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
     if not (value > 0 and value != float("inf")):

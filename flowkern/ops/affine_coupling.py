@@ -139,6 +139,7 @@ def _backward_merge(ctx, grad_out, grad_logdet):
         saved = merged_columns(saved, k, kept_first)[1]
     if not is_factor:  # the whole params: the raw scale half
         scale_or_factor = scale_or_factor[:, scale_or_factor.shape[1] // 2:]
+    saved, scale_or_factor = _rows(saved), _rows(scale_or_factor)  # views, but for an empty batch
     # The kernel takes grad_out at any row stride; zeros for an unused output.
     grad_out = saved.new_zeros((saved.shape[0], k + saved.shape[1])) if grad_out is None else _rows(grad_out)
     grad_logdet = None if grad_logdet is None else grad_logdet.contiguous()
@@ -155,8 +156,12 @@ _MERGE_FUNCTIONS = kernel_functions("AffineCouplingMergeFunction", _run_merge, _
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (B, N) with contiguous rows (a view when t's layout allows, as for a slice of dim 1
-    of a contiguous tensor), which the merge kernels take at any row stride."""
+    of a contiguous tensor), which the merge kernels take at any row stride. An empty t counts
+    as contiguous whatever its strides (.contiguous() returns it as it is, an expanded .sum()
+    gradient with strides (0, 0) too): it is cloned to fresh strides, in the graph."""
     t = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    if t.numel() == 0:
+        return t.clone(memory_format=torch.contiguous_format)
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
 

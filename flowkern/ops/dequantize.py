@@ -30,8 +30,8 @@ import torch
 
 from .. import _ext
 from .._backend import kernel_dtype, kernel_inputs, resolve_op
-from ..reference.dequantize import (dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref, draw_seed,
-                                    logit_ref, quantize_ref, seed_as_int64)
+from ..reference.dequantize import (counter_uniform, dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref,
+                                    draw_seed, logit_ref, quantize_ref, seed_as_int64)
 from . import _checks
 from ._autograd import apply, kernel_functions
 from ._vmap import register_row_vmap
@@ -41,6 +41,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling()
+
+
+def under_functorch(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether any of the tensors is a torch.func (vmap/jacrev) wrapper."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _values_readable(t: torch.Tensor) -> bool:
@@ -59,7 +64,9 @@ def check_pixels(name: str, x) -> torch.Tensor:
     if x.dim() < 1:
         raise ValueError(f"{name} must have a batch dimension (at least 1-D), got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8 and x.numel() > 0 and _values_readable(x):
-        lo, hi = int(x.min()), int(x.max())
+        # On an int64 copy: min/max are not implemented for uint16/uint32/uint64 (PyTorch 2.x),
+        # and int64 holds all of their values but uint64's above 2^63 (negative: out of range too).
+        lo, hi = (int(v) for v in torch.aminmax(x.to(torch.int64)))
         if lo < 0 or hi > 255:
             raise ValueError(f"{name} must hold pixel values in [0, 255], got values in [{lo}, {hi}]")
     return x
@@ -126,6 +133,8 @@ def check_alpha(alpha) -> float:
         raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
     try:
         alpha = float(alpha)
+    except OverflowError:  # an int such as 10**400
+        raise ValueError("alpha must lie in [0, 0.5), got a number too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"alpha must be a number, got {type(alpha).__name__}") from None
     if not (0.0 <= alpha < 0.5):
@@ -311,6 +320,11 @@ def dequantize_logit(
     impl = resolve_op(x_uint8.device, dtype, "dequantize_logit_fwd")
     if impl == "reference":
         return dequantize_logit_ref(x_uint8, noise, alpha=alpha, seed=seed, dtype=dtype, logdet=logdet)
+    if noise is None and under_functorch(x_uint8, logdet):
+        # vmap folds its dim into the kernel's rows, and the kernel numbers its counter noise
+        # across all of them: each slice would get other noise than the call on that slice alone.
+        # counter_uniform of the slice's shape is that noise, bit for bit (as in the reference).
+        noise = counter_uniform(x_uint8.shape, seed, compute, x_uint8.device)
     x = x_uint8.to(torch.uint8).contiguous()  # the kernels read one byte per pixel
     if noise is not None:
         noise = noise.to(compute).contiguous()  # as the reference: u in the compute dtype

@@ -20,5 +20,6 @@ def additive_coupling_ref(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference additive coupling; same signature and result as flowkern.ops.additive_coupling."""
     out = x - shift if inverse else x + shift
-    ld = row_sum(x.new_zeros((x.shape[0],))) if logdet is None else logdet
+    # A new tensor as every op returns, never the caller's running log-det itself.
+    ld = row_sum(x.new_zeros((x.shape[0],))) if logdet is None else logdet.clone()
     return out, ld

@@ -23,6 +23,7 @@ from ._common import row_sum
 SCALES = ("exp", "sigmoid", "tanh")
 SIGMOID_OFFSET = 2.0
 SIGMOID_EPS = 1e-3
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32
 
 
 def identity_scale_raw(scale: str) -> float:
@@ -54,7 +55,11 @@ def affine_coupling_ref(
     inverse: bool = False,
     logdet: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference affine coupling; same signature and result as flowkern.ops.affine_coupling."""
+    """Reference affine coupling; same signature and result as flowkern.ops.affine_coupling.
+    float16/bfloat16 inputs compute in float32 (as the kernels) and the output is rounded once."""
+    dtype = x.dtype
+    if dtype in HALF_DTYPES:  # log m in half precision would be off by nats in the log-det's sum
+        x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
     logm = log_scale_ref(scale_raw, scale, clamp)
     if inverse:
         out = (x - shift) * torch.exp(-logm) if scale != "sigmoid" else (x - shift) / torch.exp(logm)
@@ -65,7 +70,7 @@ def affine_coupling_ref(
     ld = sign * row_sum(logm)
     if logdet is not None:
         ld = logdet + ld
-    return out, ld
+    return out.to(dtype), ld
 
 
 def affine_coupling_merge_ref(

@@ -75,11 +75,15 @@ def batchnorm_flow_train_ref(
     Returns (out, logdet, mean, var) with mean and var detached; same signature and result as
     flowkern.ops.batchnorm_flow_train."""
     dims = (0,) + tuple(range(2, x.dim()))
-    var, mean = torch.var_mean(x.to(compute_dtype(x.dtype)), dim=dims, correction=0)
+    # One cast feeds both the statistics and the map, so x's two gradient paths meet in the
+    # compute dtype: cast twice, each path's gradient was rounded to float16 on its own, where
+    # the two large, cancelling terms of a small-spread channel overflow to inf - inf = NaN.
+    xs = x.to(compute_dtype(x.dtype))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
     # The map uses the statistics rounded to x's dtype (batch_stats_ref's values), but the
     # gradient flows through them in the compute dtype: in float16, d/dvar = -1 / (2 (var + eps))
     # overflows for a constant channel (var = 0) and turned every input gradient into NaN.
     mean = mean + (mean.to(x.dtype).to(mean.dtype) - mean).detach()
     var = var + (var.to(x.dtype).to(var.dtype) - var).detach()
-    out, ld = batchnorm_flow_ref(x, mean, var, log_gamma, beta, eps=eps, logdet=logdet)
-    return out, ld, mean.detach().to(x.dtype), var.detach().to(x.dtype)
+    out, ld = batchnorm_flow_ref(xs, mean, var, log_gamma, beta, eps=eps, logdet=logdet)
+    return out.to(x.dtype), ld, mean.detach().to(x.dtype), var.detach().to(x.dtype)
