@@ -329,8 +329,10 @@ def _cmd_sample(args, parser, argv) -> int:
 
 
 def _cmd_eval(args, parser, argv) -> int:
-    from .train import evaluate, write_json
+    from .train import check_output_file, evaluate, write_json
 
+    if args.json:
+        check_output_file(args.json, "--json")
     r = evaluate(args.checkpoint, data=args.data, root=args.root, holdout=args.holdout, split=args.split,
                  limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
                  backend=args.backend, download=args.download, samples=args.samples)
@@ -398,6 +400,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         report(str(e))
         return 1
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        report(f"{e.strerror or e}: {e.filename}")  # an output (or input) path the system refuses
+        return 2
     except KeyboardInterrupt:
         report("interrupted; the run folder keeps its last checkpoint (continue with --resume)")
         return 130

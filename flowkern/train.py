@@ -378,6 +378,24 @@ def atomic_path(path: str) -> Iterator[str]:
         raise
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """An output file's path must not be a folder, nor lie under a file (checked before any work)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """An output folder's path must not be a file (checked before any work)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a folder")
+    check_output_file(os.path.join(path, "x"), flag)
+
+
 def write_json(path: str, obj) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -548,10 +566,12 @@ def save_grid(pixels: torch.Tensor, path: str, nrow: Optional[int] = None) -> st
     """Save uint8 (n, C, H, W) images as one PNG grid (torchvision.utils.save_image of
     pixels / 255), atomically; nrow defaults to a square grid."""
     tvu = _require_torchvision("saving sample grids")
-    n = pixels.shape[0]
+    n, c = pixels.shape[:2]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    if c not in (1, 2, 3, 4):  # no PNG mode: each image's channels one above the other, in grey
+        pixels = pixels.reshape(n, 1, c * pixels.shape[2], pixels.shape[3])
     with atomic_path(path) as tmp:
-        tvu.save_image(pixels.float() / 255.0, tmp, nrow=nrow, padding=2, pad_value=0.5)
+        tvu.save_image(pixels.float() / 255.0, tmp, nrow=nrow, padding=2, pad_value=0.5, format="PNG")
     return path
 
 
@@ -824,9 +844,14 @@ class _Run:
 
     def _setup(self) -> None:
         cfg, rt = self.cfg, self.rt
+        check_output_folder(self.out, "--out")
         ckpt = None
         if cfg["resume"]:
             ckpt = load_checkpoint(cfg["resume"])
+            other_run = os.path.abspath(ckpt["path"]) != os.path.abspath(self.ckpt_path)
+            if other_run and os.path.exists(self.ckpt_path) and not cfg["overwrite"]:
+                raise UsageError(f"{self.out} already holds another run ({CHECKPOINT_NAME}): resuming "
+                                 f"{ckpt['path']} there would replace it; pass --overwrite, or another --out")
         elif os.path.exists(self.ckpt_path) and not cfg["overwrite"]:
             raise UsageError(f"{self.out} already holds a run ({CHECKPOINT_NAME}): pass --resume to continue it, "
                              "--overwrite to start it again, or another --out")
@@ -842,6 +867,11 @@ class _Run:
         if cfg["n_samples"]:
             _require_torchvision("the sample grids (--n-samples 0 skips them)")
         self.data = self._load_data()
+        # The config (so the checkpoint) keeps the data with absolute paths: a resume from another
+        # working folder finds the same files.
+        cfg["data"] = self.data.spec
+        if cfg["root"]:
+            cfg["root"] = os.path.abspath(cfg["root"])
         shape = self.data.shape
         spec = model_spec(cfg, shape)
         if ckpt is not None:
@@ -908,6 +938,9 @@ class _Run:
                 group["initial_lr"] = cfg["lr"]
                 group["lr"] = cfg["lr"] * lr_factor(self.sched.last_epoch, cfg["warmup"], self.total, cfg["schedule"])
             self.step, self.epoch, self.batch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+            if self.step > self.total:
+                raise UsageError(f"the run is at step {self.step}, past the {self.total} steps asked for: "
+                                 "give a larger --steps or --epochs to continue it")
             self.elapsed0 = ckpt.get("elapsed_s", 0.0)
             self.last_ckpt_step = ckpt["step"]
             rows = ckpt.get("metrics", [])
@@ -924,6 +957,17 @@ class _Run:
                 except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
                     raise CheckpointError(f"{ckpt['path']} is damaged: its RNG states do not load "
                                           f"({_first_line(e)})") from None
+                # A position inside an epoch counts batches of the checkpoint's size over its split;
+                # with another batch size or split it points elsewhere (or past the epoch's end).
+                # (Checkpoints before these keys: steps_per_epoch alone tells.)
+                layout = (ckpt.get("steps_per_epoch"), ckpt.get("local_batch", self.local_batch),
+                          ckpt.get("n_train", n_train))
+                if self.batch and layout != (self.steps_per_epoch, self.local_batch, n_train):
+                    self.log(f"warning: the checkpoint stopped at batch {self.batch} of an epoch of "
+                             f"{ckpt.get('steps_per_epoch')} batches; with this run's batch size and training split "
+                             "that position does not exist, so training continues at the start of the next epoch",
+                             always=True)
+                    self.epoch, self.batch = self.epoch + 1, 0
         else:
             self.step = self.epoch = self.batch = 0
             self.elapsed0, self.last_ckpt_step, rows = 0.0, None, []
@@ -946,7 +990,24 @@ class _Run:
             # and sampling stay eager. Batches are all the same size (drop_last): one graph.
             self.net = torch.compile(self.net, dynamic=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if cfg["overwrite"] and rt.main and (ckpt is None or os.path.abspath(ckpt["path"]) != self.ckpt_path):
+            self._remove_old_run()
         self.metrics = MetricsLog(self.out, rows, rt.main)
+
+    def _remove_old_run(self) -> None:
+        """--overwrite: the files an earlier run wrote into the folder (only those), so that none
+        of them (its checkpoint above all) outlives the new run's start and mixes with it."""
+        if not os.path.isdir(self.out):
+            return
+        names = {CHECKPOINT_NAME, "summary.json", "config.json", "metrics.jsonl", "metrics.csv"}
+        for name in os.listdir(self.out):
+            if name in names or (name.startswith("samples_t") and name.endswith(".png")):
+                os.remove(os.path.join(self.out, name))
+        grids = os.path.join(self.out, "samples")
+        if os.path.isdir(grids):
+            for name in os.listdir(grids):
+                if name.startswith("epoch_") and name.endswith(".png"):
+                    os.remove(os.path.join(grids, name))
 
     def _init_actnorm(self) -> None:
         """ActNorm's data-dependent initialisation: one eager training-mode forward on the
@@ -1031,6 +1092,7 @@ class _Run:
                 "optimizer_state": self.opt.state_dict(), "scheduler_state": self.sched.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total, "world_size": self.rt.world,
+                "local_batch": self.local_batch, "n_train": len(self.data.train),
                 "rng": states, "sampler": {"seed": self.cfg["seed"], "epoch": self.epoch},
                 "metrics": self.metrics.rows, "elapsed_s": self._elapsed(), "config": self.cfg,
                 "data": {"spec": self.data.spec, "root": os.path.abspath(self.cfg["root"]),
@@ -1132,12 +1194,12 @@ class _Run:
                     if self.step >= self.target:
                         break
                     evaluate = bool(cfg["eval_every"]) and self.step % cfg["eval_every"] == 0
-                    end_of_epoch = self.batch == self.steps_per_epoch
+                    end_of_epoch = self.batch >= self.steps_per_epoch
                     if not end_of_epoch and (evaluate or (cfg["log_every"] and self.step % cfg["log_every"] == 0)):
                         self._record(evaluate)
                     if not end_of_epoch and cfg["checkpoint_every"] and self.step % cfg["checkpoint_every"] == 0:
                         self._checkpoint()
-                if self.batch == self.steps_per_epoch:
+                if self.batch >= self.steps_per_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0
                     if self.step < self.target:  # the last epoch's events are the final ones below
                         self._record(evaluate=True)
@@ -1185,12 +1247,13 @@ def _setup_inference(checkpoint: str, device: str, backend: str, threads: Option
 
 def _data_from(ckpt: dict, spec_text: Optional[str], root: Optional[str], holdout, download: bool = False,
                shape=None) -> fkdata.ImageData:
-    """--data as given, else the checkpoint's own data (same spec, root and held-out split)."""
+    """--data as given, else the checkpoint's own data; --root and --holdout as given, else the
+    run's (so --data naming the training set again holds out the same test split)."""
     saved = ckpt.get("data", {})
     if spec_text is None:
         spec_text = saved.get("spec")
-        root = root if root is not None else saved.get("root")
-        holdout = holdout if holdout is not None else saved.get("holdout")
+    root = root if root is not None else saved.get("root")
+    holdout = holdout if holdout is not None else saved.get("holdout")
     return fkdata.load(spec_text, root=root, download=download, holdout=holdout,
                        shape=shape or tuple(ckpt["model"]["data_shape"]))
 
@@ -1211,11 +1274,16 @@ def sample(checkpoint: str, out: str, *, n: int = 64, temperatures: Sequence[flo
         if not (t >= 0 and math.isfinite(t)):
             raise UsageError(f"--temperature must be >= 0, got {t!r}")
     _require_torchvision("flowkern sample")
-    ckpt, model, spec, dev = _setup_inference(checkpoint, device, backend)
     base, ext = os.path.splitext(out)
+    if ext.lower() not in ("", ".png"):
+        raise UsageError(f"--out {out}: the grids are PNG images, name a .png file")
+    ext = ext or ".png"
+    out = base + ext
+    check_output_file(out, "--out")
+    ckpt, model, spec, dev = _setup_inference(checkpoint, device, backend)
     paths = []
     for t in temperatures:
-        path = out if len(temperatures) == 1 else f"{base}_t{t:g}{ext or '.png'}"
+        path = out if len(temperatures) == 1 else f"{base}_t{t:g}{ext}"
         pixels = sample_pixels(model, spec, n, t, device=dev, seed=seed)
         paths.append(save_grid(pixels, path, nrow))
     return paths
@@ -1265,6 +1333,8 @@ def ood(checkpoint: str, out_data: str, *, in_data: Optional[str] = None, root: 
     bpd_in.npy, bpd_out.npy, ood_scores.csv (set, index, bpd), ood_histogram.png and
     ood.json (AUROC, means, medians, counts). AUROC < 0.5 means the flow gives the OUT set
     the higher likelihood (Nalisnick et al., 2018)."""
+    if out_dir:
+        check_output_folder(out_dir, "--out")
     ckpt, model, spec, dev = _setup_inference(checkpoint, device, backend)
     shape = tuple(spec["data_shape"])
     ds_in = _data_from(ckpt, in_data, root, holdout, download)
