@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick | --full] [--device cpu|cuda] [--only NAME] [--root DIR]
+"""python -m benchmarks [--quick | --full] [--device cpu|cuda] [--only NAME] [--root DIR] [--no-compile]
 
 Runs the suites, prints Markdown tables, and writes benchmarks/results/<name>.json (machine and
 every row), .md (the tables) and .png (img/s of the end-to-end suites).
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from . import kernels, training
+from . import common, kernels, training
 from .chart import training_chart
 from .common import describe_machine, machine, write_results
 
@@ -42,7 +42,10 @@ def main(argv=None) -> int:
                    "or the IDX files in DIR) for the train and sample suites; without it, or when it holds none, "
                    "MNIST-shaped synthetic digits")
     p.add_argument("--name", default=None, help="results file stem (default: the device)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="no torch.compile rows (inductor's build time dominates a short run, e.g. on a GPU)")
     args = p.parse_args(argv)
+    common.COMPILE = not args.no_compile
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     quick = not args.full

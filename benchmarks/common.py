@@ -153,12 +153,20 @@ def markdown_table(header: list[str], body: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+# python -m benchmarks --no-compile turns this off: no torch.compile rows anywhere (inductor's
+# build time can exceed a short run's budget, e.g. the GPU check's).
+COMPILE = True
+
+
 def compiled(fn: Callable, **kwargs) -> Optional[Callable]:
-    """torch.compile(fn), or None where inductor cannot build here (no C++ compiler, say).
+    """torch.compile(fn), or None where inductor cannot build here (no C++ compiler, say) or
+    compile rows are off (COMPILE).
 
     A suite calls one compiled op with many sizes, flags and directions: past dynamo's
     recompile limit (8 per function) it would silently run the rest eagerly under the name
     "compile", so the limit is raised."""
+    if not COMPILE:
+        return None
     try:
         import torch._dynamo
 

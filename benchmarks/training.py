@@ -24,6 +24,7 @@ import flowkern
 from flowkern import data as fkdata
 from flowkern.models import Glow, RealNVP
 
+from . import common
 from .common import Row, interleaved_medians, markdown_table, sync
 from .kernels import saved_bytes
 from .peers import GLOW_PEERS, PEERS
@@ -153,7 +154,7 @@ def implementations(device: str, cfg: Config, with_compile: bool = True) -> list
     compiled), then the peers that have this model."""
     avail = flowkern.available_backends()
     native = "cpu" if device == "cpu" else "cuda"
-    with_compile = with_compile and cfg.compile
+    with_compile = with_compile and cfg.compile and common.COMPILE
     impls = [Impl("eager")] + ([Impl("compile", compile=True)] if with_compile else [])
     if native in avail:
         impls.append(Impl("flowkern", native))

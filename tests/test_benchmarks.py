@@ -130,6 +130,23 @@ def test_compiled_rows_measure_their_flow_from_the_compiled_ceiling(monkeypatch)
     assert training.FLOOR_COMPILED in table
 
 
+def test_no_compile_leaves_out_every_compiled_row(tmp_path, monkeypatch):
+    from benchmarks import __main__ as cli
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "COMPILE", True)  # main sets it; restored after the test
+    monkeypatch.setitem(training.CONFIGS, "quick", [training.Config("realnvp", "affine", None, 2, 8, 4)])
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    timer = training._time_interleaved
+    monkeypatch.setattr(training, "_time_interleaved", lambda fns, device, budget_s: timer(fns, device, 1e-4))
+    assert cli.main(["--only", "train", "--no-compile", "--name", "nc"]) == 0
+    rows = json.loads((tmp_path / "nc.json").read_text())["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"eager", "flowkern", training.FLOOR} <= impls
+    assert not [i for i in impls if "compile" in i]
+    assert common.compiled(lambda x: x) is None
+
+
 @pytest.mark.slow
 def test_ceiling_suite_on_tiny_models(tmp_path, monkeypatch):
     from benchmarks import ceiling, common
