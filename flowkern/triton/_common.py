@@ -1,10 +1,32 @@
 """Host-side helpers every Triton op module shares."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """Runs a Triton op's entry point with its first CUDA tensor's device current. Triton
+    launches on the current device and its stream, not the tensors' (the compiled C++ ops have
+    a device guard; a Python op has none): tensors on cuda:1 while cuda:0 is current would fail
+    to launch, or with peer access run on the wrong GPU. Eager only: under torch.compile the
+    generated code guards its own launches."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            for a in args:
+                if isinstance(a, Tensor) and a.is_cuda:
+                    if a.device.index is not None and a.device.index != torch.cuda.current_device():
+                        with torch.cuda.device(a.device):
+                            return fn(*args, **kwargs)
+                    break
+        return fn(*args, **kwargs)
+
+    return guarded
 
 
 def rows_cols(x: Tensor) -> Tuple[int, int]:

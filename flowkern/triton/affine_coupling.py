@@ -35,7 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
-from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
+from ._common import logdet_dtype, on_input_device, register_interpreter_fakes, rows_cols
 
 __all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_fwd", "affine_coupling_merge_bwd",
            "affine_coupling_merge_bwd_out"]
@@ -468,6 +468,7 @@ register_row_vmap("flowkern::affine_coupling_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::affine_coupling_bwd_triton", BWD_TENSOR_ARGS)
 
 
+@on_input_device
 def affine_coupling_fwd(
     x: Tensor,
     shift: Tensor,
@@ -485,6 +486,7 @@ def affine_coupling_fwd(
     )
 
 
+@on_input_device
 def affine_coupling_bwd(
     grad_out: Tensor,
     grad_logdet: Optional[Tensor],
@@ -501,6 +503,7 @@ def affine_coupling_bwd(
     )
 
 
+@on_input_device
 def affine_coupling_merge_fwd(kept: Tensor, x: Tensor, params: Tensor, mode: int, clamp: float, inverse: bool,
                               logdet: Optional[Tensor], save_factor: bool, kept_first: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """The coupling layer's transform and merge: (out (B, k + n), logdet, factor)."""
@@ -508,6 +511,7 @@ def affine_coupling_merge_fwd(kept: Tensor, x: Tensor, params: Tensor, mode: int
         kept, x, params, int(mode), float(clamp), bool(inverse), logdet, bool(save_factor), bool(kept_first))
 
 
+@on_input_device
 def affine_coupling_merge_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], saved: Tensor, scale_or_factor: Tensor,
                               is_factor: bool, mode: int, clamp: float, inverse: bool,
                               kept_first: bool) -> Tuple[Tensor, Tensor]:
@@ -517,6 +521,7 @@ def affine_coupling_merge_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], s
         bool(kept_first))
 
 
+@on_input_device
 def affine_coupling_merge_bwd_out(grad_out: Tensor, grad_logdet: Optional[Tensor], out: Tensor, params: Tensor,
                                   mode: int, clamp: float, inverse: bool,
                                   kept_first: bool) -> Tuple[Tensor, Tensor, Tensor]:

@@ -44,7 +44,7 @@ from ..ops.batchnorm_flow import BWD_TENSOR_ARGS as BN_BWD_ARGS
 from ..ops.batchnorm_flow import FWD_ROW_ARGS as BN_FWD_ROWS
 from ..ops.batchnorm_flow import FWD_TENSOR_ARGS as BN_FWD_ARGS
 from ..ops.batchnorm_flow import STATS_TENSOR_ARGS
-from ._common import logdet_dtype, register_interpreter_fakes
+from ._common import logdet_dtype, on_input_device, register_interpreter_fakes
 
 __all__ = ["actnorm_fwd", "actnorm_bwd", "batch_stats", "batchnorm_flow_fwd", "batchnorm_flow_bwd"]
 
@@ -485,23 +485,27 @@ register_channel_vmap("flowkern::batchnorm_flow_fwd_triton", BN_FWD_ARGS, BN_FWD
 register_channel_vmap("flowkern::batchnorm_flow_bwd_triton", BN_BWD_ARGS)
 
 
+@on_input_device
 def actnorm_fwd(x: Tensor, shift: Tensor, log_scale: Tensor, inverse: bool,
                 logdet: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(out like x, logdet (B,), float32 or float64 for float64 x); the compiled op's schema."""
     return torch.ops.flowkern.actnorm_fwd_triton(x, shift, log_scale, bool(inverse), logdet)
 
 
+@on_input_device
 def actnorm_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], out: Tensor, shift: Tensor, log_scale: Tensor,
                 inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_shift, grad_log_scale) from the op's output."""
     return torch.ops.flowkern.actnorm_bwd_triton(grad_out, grad_logdet, out, shift, log_scale, bool(inverse))
 
 
+@on_input_device
 def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased var) of x (B, C, *spatial), in x's dtype, deterministic."""
     return torch.ops.flowkern.batch_stats_triton(x)
 
 
+@on_input_device
 def batchnorm_flow_fwd(x: Tensor, mean: Tensor, var: Tensor, log_gamma: Tensor, beta: Tensor, eps: float,
                        inverse: bool, logdet: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(out like x, logdet (B,)); the compiled op's schema."""
@@ -509,6 +513,7 @@ def batchnorm_flow_fwd(x: Tensor, mean: Tensor, var: Tensor, log_gamma: Tensor, 
                                                         logdet)
 
 
+@on_input_device
 def batchnorm_flow_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], out: Tensor, mean: Tensor, var: Tensor,
                        log_gamma: Tensor, beta: Tensor, eps: float, inverse: bool,
                        batch_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -34,7 +34,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..ops.dequantize import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS, INV_TENSOR_ARGS
-from ._common import register_interpreter_fakes, rows_cols
+from ._common import on_input_device, register_interpreter_fakes, rows_cols
 
 __all__ = ["dequantize_logit_fwd", "dequantize_logit_bwd", "dequantize_logit_inv"]
 
@@ -325,18 +325,21 @@ register_row_vmap("flowkern::dequantize_logit_bwd_triton", BWD_TENSOR_ARGS)
 register_row_vmap("flowkern::dequantize_logit_inv_triton", INV_TENSOR_ARGS)
 
 
+@on_input_device
 def dequantize_logit_fwd(x: Tensor, noise: Optional[Tensor], seed: int, alpha: float, dtype: torch.dtype,
                          logdet: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(y of `dtype` like x, logdet (B,) float32); the compiled op's signature."""
     return torch.ops.flowkern.dequantize_logit_fwd_triton(x, noise, int(seed), float(alpha), dtype, logdet)
 
 
+@on_input_device
 def dequantize_logit_bwd(grad_out: Tensor, grad_logdet: Optional[Tensor], x: Tensor, noise: Tensor,
                          alpha: float) -> Tensor:
     """dL/d(noise), like noise."""
     return torch.ops.flowkern.dequantize_logit_bwd_triton(grad_out, grad_logdet, x, noise, float(alpha))
 
 
+@on_input_device
 def dequantize_logit_inv(y: Tensor, alpha: float, logdet: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(pixel values like y, logdet (B,) float32)."""
     return torch.ops.flowkern.dequantize_logit_inv_triton(y, float(alpha), logdet)

@@ -20,7 +20,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..ops.gaussian_nll import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
-from ._common import register_interpreter_fakes, rows_cols
+from ._common import on_input_device, register_interpreter_fakes, rows_cols
 
 __all__ = ["gaussian_nll_fwd", "gaussian_nll_bwd"]
 
@@ -147,11 +147,13 @@ register_row_vmap("flowkern::gaussian_nll_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::gaussian_nll_bwd_triton", BWD_TENSOR_ARGS)
 
 
+@on_input_device
 def gaussian_nll_fwd(z: Tensor, logdet: Optional[Tensor], bits: bool) -> Tensor:
     """The row NLL (B,), float32; the compiled op's signature."""
     return torch.ops.flowkern.gaussian_nll_fwd_triton(z, logdet, bool(bits))
 
 
+@on_input_device
 def gaussian_nll_bwd(grad: Tensor, z: Tensor, bits: bool) -> Tensor:
     """dL/dz, like z."""
     return torch.ops.flowkern.gaussian_nll_bwd_triton(grad, z, bool(bits))

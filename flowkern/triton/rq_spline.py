@@ -74,7 +74,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
 from ..reference.rq_spline import MIN_DERIVATIVE, MIN_HEIGHT, MIN_WIDTH, params_per_element
-from ._common import logdet_dtype, register_interpreter_fakes, rows_cols
+from ._common import logdet_dtype, on_input_device, register_interpreter_fakes, rows_cols
 
 __all__ = ["rq_spline_fwd", "rq_spline_bwd"]
 
@@ -572,6 +572,7 @@ register_row_vmap("flowkern::rq_spline_fwd_triton", FWD_TENSOR_ARGS)
 register_row_vmap("flowkern::rq_spline_bwd_triton", BWD_TENSOR_ARGS)
 
 
+@on_input_device
 def rq_spline_fwd(
     x: Tensor,
     params: Tensor,
@@ -586,6 +587,7 @@ def rq_spline_fwd(
     return torch.ops.flowkern.rq_spline_fwd_triton(x, params, int(bins), float(bound), bool(inverse), logdet)
 
 
+@on_input_device
 def rq_spline_bwd(
     grad_out: Tensor,
     grad_logdet: Optional[Tensor],
