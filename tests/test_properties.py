@@ -278,13 +278,21 @@ def quantized(case: Case, opdef: OpDef) -> Case:
     return case
 
 
-def broadcast_rows(case: Case, names: Sequence[str]) -> None:
+def broadcast_rows(case: Case, names: Sequence[str]) -> Case:
+    """case, with the tensors `names` given equal rows in the broadcast layout."""
     if case.layout == "broadcast" and case.shape[0] >= 2:
         for k in names:
             if k in case.tensors:
                 t = case.tensors[k]
                 case.tensors[k] = t[:1].expand(t.shape).clone()
         case.broadcast = tuple(k for k in names if k in case.tensors)
+    return case
+
+
+def maybe_logdet(draw, g: torch.Generator, t: Dict[str, torch.Tensor], shape: tuple) -> None:
+    """Half the cases carry a running log-det (B,) of moderate size."""
+    if draw(st.booleans()):
+        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
 
 
 @st.composite
@@ -328,8 +336,7 @@ def affine_cases(draw, backend, device):
         t["logdet"] = log_uniform(g, shape[:1], -3, 5)
     case = Case("affine_coupling", shape, dtype, layout, seed, t,
                 dict(scale=scale, clamp=clamp, inverse=draw(st.booleans())))
-    broadcast_rows(case, ("x", "shift", "scale_raw"))
-    return case
+    return broadcast_rows(case, ("x", "shift", "scale_raw"))
 
 
 def affine_call(t, kw, reference):
@@ -414,12 +421,10 @@ def merge_cases(draw, backend, device):
     t = {"kept": log_uniform(g, (rows, k) + spatial, *draw(exponent_range(-top, top))),
          "x": log_uniform(g, shape, *draw(exponent_range(-top, top))),
          "params": torch.cat([shift, raw], dim=1)}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("affine_coupling_merge", shape, dtype, layout, seed, t,
                 dict(kept_first=draw(st.booleans()), scale=scale, clamp=clamp, inverse=draw(st.booleans())))
-    broadcast_rows(case, ("kept", "x", "params"))
-    return case
+    return broadcast_rows(case, ("kept", "x", "params"))
 
 
 def merge_call(t, kw, reference):
@@ -461,11 +466,9 @@ def additive_cases(draw, backend, device):
     g = torch.Generator().manual_seed(seed)
     t = {"x": log_uniform(g, shape, *draw(exponent_range(-top, top))),
          "shift": log_uniform(g, shape, *draw(exponent_range(-top, top)))}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("additive_coupling", shape, dtype, layout, seed, t, dict(inverse=draw(st.booleans())))
-    broadcast_rows(case, ("x", "shift"))
-    return case
+    return broadcast_rows(case, ("x", "shift"))
 
 
 def additive_call(t, kw, reference):
@@ -497,11 +500,9 @@ def spline_cases(draw, backend, device):
     x = torch.where(pick > 0.95, torch.full_like(x, bound) * torch.sign(inside + 1e-300), x)
     x = torch.where((pick > 0.7) & (pick < 0.72), torch.zeros_like(x), x)
     t = {"x": x, "params": log_uniform(g, shape + (per,), *p_exp)}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("rq_spline", shape, dtype, layout, seed, t, dict(bins=bins, bound=bound, inverse=draw(st.booleans())))
-    broadcast_rows(case, ("x", "params"))
-    return case
+    return broadcast_rows(case, ("x", "params"))
 
 
 def spline_call(t, kw, reference):
@@ -600,11 +601,9 @@ def actnorm_cases(draw, backend, device):
          "shift": log_uniform(g, (c,), *draw(exponent_range(-top, top))),
          "log_scale": log_uniform(g, (c,), *draw(exponent_range(-6, 1 if dtype != torch.float16 else 0)))}
     t["log_scale"] = t["log_scale"].clamp(-80, 80)
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("actnorm", shape, dtype, layout, seed, t, dict(inverse=draw(st.booleans())))
-    broadcast_rows(case, ("x",))
-    return case
+    return broadcast_rows(case, ("x",))
 
 
 def actnorm_call(t, kw, reference):
@@ -645,12 +644,10 @@ def batchnorm_cases(draw, backend, device):
          "var": log_uniform(g, (c,), *draw(exponent_range(-top, top)), signed=False),
          "log_gamma": log_uniform(g, (c,), *draw(exponent_range(-6, 1 if dtype != torch.float16 else 0))).clamp(-80, 80),
          "beta": log_uniform(g, (c,), *draw(exponent_range(-top, top)))}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     eps = draw(st.sampled_from([1e-5, 1e-3, 1e-12, 1.0]))
     case = Case("batchnorm_flow", shape, dtype, layout, seed, t, dict(eps=eps, inverse=draw(st.booleans())))
-    broadcast_rows(case, ("x",))
-    return case
+    return broadcast_rows(case, ("x",))
 
 
 def batchnorm_call(t, kw, reference):
@@ -680,12 +677,10 @@ def bn_train_cases(draw, backend, device):
     t = {"x": log_uniform(g, shape, *x_exp) + log_uniform(g, (1, c) + (1,) * (len(shape) - 2), *x_exp),
          "log_gamma": log_uniform(g, (c,), *draw(exponent_range(-6, 1 if dtype != torch.float16 else 0))).clamp(-80, 80),
          "beta": log_uniform(g, (c,), *draw(exponent_range(-top, top)))}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     eps = draw(st.sampled_from([1e-5, 1e-3, 1.0]))
     case = Case("batchnorm_flow_train", shape, dtype, layout, seed, t, dict(eps=eps))
-    broadcast_rows(case, ("x",))
-    return case
+    return broadcast_rows(case, ("x",))
 
 
 def bn_train_call(t, kw, reference):
@@ -702,8 +697,7 @@ def batch_stats_cases(draw, backend, device):
     x_exp = draw(exponent_range(-top, top))
     t = {"x": log_uniform(g, shape, *x_exp) + log_uniform(g, (1, c) + (1,) * (len(shape) - 2), *x_exp)}
     case = Case("batch_stats", shape, dtype, layout, seed, t)
-    broadcast_rows(case, ("x",))
-    return case
+    return broadcast_rows(case, ("x",))
 
 
 def batch_stats_call(t, kw, reference):
@@ -726,8 +720,7 @@ def nll_cases(draw, backend, device):
         t["logdet"] = log_uniform(g, shape[:1], *draw(exponent_range(-3, 30)))
     bits = draw(st.booleans()) and math.prod(shape[1:]) > 0
     case = Case("gaussian_nll", shape, dtype, layout, seed, t, dict(bits_per_dim=bits))
-    broadcast_rows(case, ("z",))
-    return case
+    return broadcast_rows(case, ("z",))
 
 
 def nll_call(t, kw, reference):
@@ -761,11 +754,9 @@ def deq_logit_cases(draw, backend, device):
         t["noise"] = u.clamp_min(low)
     else:
         kw["seed"] = draw(st.integers(-(2 ** 63), 2 ** 64 - 1))
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("dequantize_logit", shape, dtype, layout, seed, t, kw)
-    broadcast_rows(case, ("x_uint8", "noise"))
-    return case
+    return broadcast_rows(case, ("x_uint8", "noise"))
 
 
 def deq_logit_call(t, kw, reference):
@@ -789,12 +780,10 @@ def deq_inverse_cases(draw, backend, device):
     g = torch.Generator().manual_seed(seed)
     top = max_exp(dtype)
     t = {"y": log_uniform(g, shape, *draw(exponent_range(-top, top)))}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("dequantize_logit_inverse", shape, dtype, layout, seed, t,
                 dict(alpha=draw(st.sampled_from(ALPHAS))))
-    broadcast_rows(case, ("y",))
-    return case
+    return broadcast_rows(case, ("y",))
 
 
 def deq_inverse_extra(case: Case, eps: float, exact) -> Dict[str, torch.Tensor]:
@@ -824,11 +813,9 @@ def logit_cases(draw, backend, device):
         edge = torch.rand(shape, generator=g, dtype=torch.float64)
         v = torch.where(edge < 0.1, torch.zeros_like(v), torch.where(edge > 0.9, torch.ones_like(v), v))
     t = {"v": v}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("logit", shape, dtype, layout, seed, t, dict(alpha=alpha, inverse=inverse))
-    broadcast_rows(case, ("v",))
-    return case
+    return broadcast_rows(case, ("v",))
 
 
 def logit_call(t, kw, reference):
@@ -843,11 +830,9 @@ def quantize_cases(draw, backend, device):
     top = max_exp(dtype)
     t = {"v": torch.where(torch.rand(shape, generator=g) < 0.8, torch.rand(shape, generator=g, dtype=torch.float64),
                           log_uniform(g, shape, *draw(exponent_range(-top, top))))}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("quantize", shape, dtype, layout, seed, t)
-    broadcast_rows(case, ("v",))
-    return case
+    return broadcast_rows(case, ("v",))
 
 
 def quantize_call(t, kw, reference):
@@ -862,11 +847,9 @@ def dequantize_cases(draw, backend, device):
     u = torch.rand(shape, generator=g, dtype=torch.float64)
     u = torch.where(torch.rand(shape, generator=g) < 0.1, torch.full_like(u, 1 - 2.0 ** -24), u)
     t = {"x_uint8": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8), "noise": u}
-    if draw(st.booleans()):
-        t["logdet"] = log_uniform(g, shape[:1], -3, 5)
+    maybe_logdet(draw, g, t, shape)
     case = Case("dequantize", shape, dtype, layout, seed, t, dict(dtype=dtype))
-    broadcast_rows(case, ("x_uint8", "noise"))
-    return case
+    return broadcast_rows(case, ("x_uint8", "noise"))
 
 
 def dequantize_call(t, kw, reference):
