@@ -61,10 +61,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..ops import _checks
-from ..ops._autograd import second_order_error
+from ..ops._autograd import first_order_backward
 from .flow import FlowLayer
 
 # How a layer is handled (decided in the forward pass, per call):
@@ -448,13 +447,8 @@ class _Graft(torch.autograd.Function):
         return held.out.detach()
 
     @staticmethod
+    @first_order_backward("memory-saving backprop")
     def backward(ctx, grad_out):
-        second_order_error("memory-saving backprop")  # before once_differentiable turns grad mode off
-        return _Graft._first_order(ctx, grad_out)
-
-    @staticmethod
-    @once_differentiable
-    def _first_order(ctx, grad_out):
         held, params = ctx.held, ctx.params
         ctx.held = None
         if grad_out is None:
@@ -498,13 +492,8 @@ class _MemorySavingFunction(torch.autograd.Function):
         return z, logdet_out
 
     @staticmethod
+    @first_order_backward("memory-saving backprop")
     def backward(ctx, grad_z, grad_logdet):
-        second_order_error("memory-saving backprop")  # before once_differentiable turns grad mode off
-        return _MemorySavingFunction._first_order(ctx, grad_z, grad_logdet)
-
-    @staticmethod
-    @once_differentiable
-    def _first_order(ctx, grad_z, grad_logdet):
         z, context, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]  # (x, context, logdet, *params) after (layers, keep_every)
         params = _unique_parameters(ctx.layers)

@@ -19,6 +19,7 @@ node, both of which silently dropped the second-order terms.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -49,16 +50,30 @@ def second_order_error(name: str) -> None:
             "differentiable PyTorch; first-order gradients work on every backend.")
 
 
+def first_order_backward(name: str) -> Callable:
+    """Decorates an autograd.Function backward whose kernels have no derivative: it raises
+    (second_order_error) when asked for one, checked before once_differentiable turns grad mode
+    off, and otherwise runs once_differentiable."""
+
+    def wrap(fn: Callable) -> Callable:
+        inner = once_differentiable(fn)
+
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            second_order_error(name)
+            return inner(ctx, *grads)
+
+        return backward
+
+    return wrap
+
+
 def kernel_functions(name: str, run: Callable, save: Callable, backward: Callable):
     """(Plain, Func) autograd.Function classes over one op's kernels; see the module docstring."""
 
-    @once_differentiable
-    def _first_order(ctx, grad_out, grad_logdet, *_grad_extras):
+    @first_order_backward(name)
+    def _backward(ctx, grad_out, grad_logdet, *_grad_extras):
         return backward(ctx, grad_out, grad_logdet)
-
-    def _backward(ctx, *grads):
-        second_order_error(name)  # before once_differentiable turns grad mode off
-        return _first_order(ctx, *grads)
 
     def _save(ctx, inputs, outputs):
         ctx.set_materialize_grads(False)  # no zero tensors for unused outputs
@@ -95,6 +110,11 @@ def under_functorch_or_forward_ad(*tensors: Optional[torch.Tensor]) -> bool:
         return False
     if torch.autograd.forward_ad._current_level >= 0:
         return True
+    return functorch_wrapped(*tensors)
+
+
+def functorch_wrapped(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether any of the tensors is a torch.func (vmap, grad, jacrev) wrapper."""
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 

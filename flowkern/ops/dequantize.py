@@ -33,7 +33,7 @@ from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.dequantize import (counter_uniform, dequantize_logit_inverse_ref, dequantize_logit_ref, dequantize_ref,
                                     draw_seed, logit_ref, quantize_ref, seed_as_int64)
 from . import _checks
-from ._autograd import apply, kernel_functions
+from ._autograd import apply, functorch_wrapped, kernel_functions
 from ._vmap import register_row_vmap
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,15 +43,10 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def under_functorch(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether any of the tensors is a torch.func (vmap/jacrev) wrapper."""
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-
-
 def _values_readable(t: torch.Tensor) -> bool:
     """Whether a value check may read t: not while torch.compile traces, and not on a torch.func
     (vmap/jacrev) wrapper, whose values are per-sample."""
-    return not _tracing() and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return not _tracing() and not functorch_wrapped(t)
 
 
 def check_pixels(name: str, x) -> torch.Tensor:
@@ -320,7 +315,7 @@ def dequantize_logit(
     impl = resolve_op(x_uint8.device, dtype, "dequantize_logit_fwd")
     if impl == "reference":
         return dequantize_logit_ref(x_uint8, noise, alpha=alpha, seed=seed, dtype=dtype, logdet=logdet)
-    if noise is None and under_functorch(x_uint8, logdet):
+    if noise is None and functorch_wrapped(x_uint8, logdet):
         # vmap folds its dim into the kernel's rows, and the kernel numbers its counter noise
         # across all of them: each slice would get other noise than the call on that slice alone.
         # counter_uniform of the slice's shape is that noise, bit for bit (as in the reference).

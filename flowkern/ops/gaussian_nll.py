@@ -16,13 +16,12 @@ import math
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from .._backend import kernel_dtype, kernel_inputs, resolve_op
 from ..reference.gaussian_nll import gaussian_nll_ref
 from . import _checks
-from ._autograd import needs_grad, second_order_error, under_functorch_or_forward_ad
+from ._autograd import first_order_backward, needs_grad, under_functorch_or_forward_ad
 from ._vmap import register_row_vmap
 
 
@@ -46,13 +45,8 @@ def _save(ctx, inputs):
     ctx.has_logdet = logdet is not None
 
 
+@first_order_backward("GaussianNLLFunction")
 def _backward(ctx, grad):
-    second_order_error("GaussianNLLFunction")  # before once_differentiable turns grad mode off
-    return _first_order(ctx, grad)
-
-
-@once_differentiable
-def _first_order(ctx, grad):
     (z,) = ctx.saved_tensors
     bits, impl = ctx.config
     if grad is None:
