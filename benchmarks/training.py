@@ -248,6 +248,39 @@ def conditioner_floor_step(model: torch.nn.Module, x: torch.Tensor,
     return step
 
 
+def floor_steps(cfg: Config, device: str, x: torch.Tensor, compiled: bool) -> dict[str, tuple[Callable, str]]:
+    """{FLOOR: (step, backend)} of cfg's model, and FLOOR_COMPILED too when `compiled`, each run once
+    (compiled, warm); {} for a model without couplings."""
+    steps = {}
+    for name, compile_floor in ((FLOOR, False), (FLOOR_COMPILED, True)):
+        if compile_floor and not compiled:
+            continue
+        floor = conditioner_floor_step(build_model(Impl("eager"), cfg, device), x, compile=compile_floor)
+        if floor is not None:
+            floor()  # compiles
+            steps[name] = (floor, "reference")
+    return steps
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor, device: str, compile: bool = False) -> Callable:
+    """The step every implementation is timed on: zero_grad, -log_prob(x).mean() (with compile,
+    one fullgraph torch.compile graph), backward, fused AdamW; it returns the loss."""
+    opt = _optimizer(model, device)
+
+    def loss_fn(v):
+        return -model.log_prob(v).mean()
+
+    step_loss = torch.compile(loss_fn, fullgraph=True, dynamic=False) if compile else loss_fn
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss(x)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
 # ---------------------------------------------------------------------------------- measuring
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -334,20 +367,7 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
         x = model_input(cfg, images, device)
         steps, saved, peak, compiled = {}, {}, {}, set()
         for impl, model in _initialised_models(device, cfg, x):
-            opt = _optimizer(model, device)
-
-            def loss_fn(v, model=model):
-                return -model.log_prob(v).mean()
-
-            step_loss = torch.compile(loss_fn, fullgraph=True, dynamic=False) if impl.compile else loss_fn
-
-            def step(opt=opt, step_loss=step_loss):
-                opt.zero_grad(set_to_none=True)
-                loss = step_loss(x)
-                loss.backward()
-                opt.step()
-                return loss
-
+            step = training_step(model, x, device, compile=impl.compile)
             with flowkern.backend(impl.backend):
                 try:
                     loss = float(step().detach())  # compile / warm up outside the timing
@@ -358,7 +378,7 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
                     continue
                 if not math.isfinite(loss):
                     raise RuntimeError(f"{impl.name} on {cfg.name}: non-finite loss {loss}")
-                saved[impl.name] = None if impl.compile else saved_bytes(lambda: loss_fn(x))
+                saved[impl.name] = None if impl.compile else saved_bytes(lambda: -model.log_prob(x).mean())
                 # On the CPU a compiled step cannot run under the dispatch mode that follows the bytes.
                 peak[impl.name] = None if impl.compile and device != "cuda" else step_peak_bytes(step, device)
             steps[impl.name] = (step, impl.backend)
@@ -366,13 +386,8 @@ def train_suite(device: str, quick: bool, budget_s: float, root: Optional[str] =
                 compiled.add(impl.name)
         # The ceilings: eager, and compiled where compiled implementations run (their flow ms
         # is measured from it).
-        for name, compile_floor in ((FLOOR, False), (FLOOR_COMPILED, True)):
-            if compile_floor and not compiled:
-                continue
-            floor = conditioner_floor_step(build_model(Impl("eager"), cfg, device), x, compile=compile_floor)
-            if floor is not None:
-                floor()  # compiles
-                steps[name], saved[name], peak[name] = (floor, "reference"), None, None
+        for name, floor in floor_steps(cfg, device, x, compiled=bool(compiled)).items():
+            steps[name], saved[name], peak[name] = floor, None, None
         times = _time_interleaved(steps, device, budget_s * (1 if quick else 2))
         vs_eager, best_peer = _ratios(times, cfg.peers)
         for name, sec in times.items():

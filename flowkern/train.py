@@ -846,10 +846,12 @@ class _Run:
         cfg, rt = self.cfg, self.rt
         check_output_folder(self.out, "--out")
         ckpt = None
+        # Whether this run replaces whatever --out holds: a fresh run, or a resume of another folder's run.
+        self.replaces_out = True
         if cfg["resume"]:
             ckpt = load_checkpoint(cfg["resume"])
-            other_run = os.path.abspath(ckpt["path"]) != os.path.abspath(self.ckpt_path)
-            if other_run and os.path.exists(self.ckpt_path) and not cfg["overwrite"]:
+            self.replaces_out = os.path.abspath(ckpt["path"]) != self.ckpt_path
+            if self.replaces_out and os.path.exists(self.ckpt_path) and not cfg["overwrite"]:
                 raise UsageError(f"{self.out} already holds another run ({CHECKPOINT_NAME}): resuming "
                                  f"{ckpt['path']} there would replace it; pass --overwrite, or another --out")
         elif os.path.exists(self.ckpt_path) and not cfg["overwrite"]:
@@ -990,7 +992,7 @@ class _Run:
             # and sampling stay eager. Batches are all the same size (drop_last): one graph.
             self.net = torch.compile(self.net, dynamic=False)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if cfg["overwrite"] and rt.main and (ckpt is None or os.path.abspath(ckpt["path"]) != self.ckpt_path):
+        if cfg["overwrite"] and rt.main and self.replaces_out:
             self._remove_old_run()
         self.metrics = MetricsLog(self.out, rows, rt.main)
 
