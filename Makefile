@@ -7,7 +7,7 @@ PIN    := torch==2.14.1 torchvision==0.29.1
 DEPS   := numpy pytest pytest-benchmark hypothesis tqdm setuptools wheel ninja
 BENCH_ARGS ?= --quick
 
-.PHONY: venv build test test-fast bench bench-pytest gpu-check clean
+.PHONY: venv build test test-isa test-fast bench bench-pytest wheel wheel-check gpu-check clean
 
 $(VENV)/.toolchain: Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ build: $(VENV)/.built
 test: build
 	$(VPY) -m pytest tests -q
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests -q -m triton
+	$(MAKE) test-isa
+
+# The compiled CPU kernels' tests again under every lower capability this CPU runs (the suite
+# above ran the best one): FLOWKERN_CPU_CAPABILITY=DEFAULT (and AVX2 on an AVX-512 machine).
+LOWER_CAPS = $(VPY) -c "from flowkern import _ext; print(*[c for c in _ext.host_capabilities()[:-1] if c in _ext.built_capabilities()])"
+test-isa: build
+	@set -e; for cap in $$($(LOWER_CAPS)); do \
+	    echo "== CPU kernel tests at FLOWKERN_CPU_CAPABILITY=$$cap"; \
+	    FLOWKERN_CPU_CAPABILITY=$$cap $(VPY) -m pytest tests -q -m "cpu_kernels or isa"; \
+	done
 
 test-fast: build
 	$(VPY) -m pytest tests -q -x
@@ -41,8 +51,17 @@ bench: build
 bench-pytest: build
 	$(VPY) -m pytest benchmarks/test_bench_kernels.py --benchmark-only -q
 
+# A binary wheel (every CPU capability, and the CUDA kernels when nvcc is here) in dist/.
+wheel: venv
+	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+# Builds a wheel from the tracked sources, installs it in a fresh venv beside the pinned torch
+# and imports it there with no compiler on PATH (.ci/wheel_check.sh).
+wheel-check: venv
+	bash .ci/wheel_check.sh
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf build flowkern/_C*.so *.egg-info $(VENV)/.built
+	rm -rf build dist flowkern/_C*.so flowkern/_cpu_*.so *.egg-info $(VENV)/.built

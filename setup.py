@@ -1,28 +1,41 @@
-"""Build flowkern's compiled extension, flowkern._C, from csrc/.
+"""Build flowkern's compiled extensions from csrc/.
+
+  flowkern._C              the op schemas (registration.cpp) and, with CUDA, the CUDA kernels
+  flowkern._cpu_default    the CPU kernels (csrc/cpu), portable: at::vec's DEFAULT code
+  flowkern._cpu_avx2       the same sources compiled for AVX2 + FMA    (x86-64)
+  flowkern._cpu_avx512     the same sources compiled for AVX-512       (x86-64)
+
+One build holds every capability the compiler can target; at import flowkern picks the best
+one the running CPU supports (flowkern/_ext.py), as ATen does for its own kernels.
 
 Environment knobs:
-  FLOWKERN_NO_EXT=1            pure Python install (reference + Triton backends only)
-  FLOWKERN_CUDA=0 / =1         skip / force the CUDA kernels (default: built when nvcc and a CUDA torch exist)
-  FLOWKERN_CPU_CAPABILITY=X    vector ISA of the CPU kernels: AVX512, AVX2 or DEFAULT
-                               (default: what torch reports for this machine)
-  TORCH_CUDA_ARCH_LIST         GPU architectures (default: this machine's GPU, else "8.0;9.0+PTX")
+  FLOWKERN_NO_EXT=1                      pure Python install (reference + Triton backends only)
+  FLOWKERN_CUDA=0 / =1                   skip / force the CUDA kernels (default: built when nvcc
+                                         and a CUDA torch exist)
+  FLOWKERN_BUILD_CAPABILITIES=AVX2,...   build only these CPU capabilities (a quicker development
+                                         build; default: every one this architecture has)
+  TORCH_CUDA_ARCH_LIST                   GPU architectures (default: this machine's GPU, else "8.0;9.0+PTX")
 
-The CPU kernels are compiled for the build machine's vector ISA; flowkern/_build_info.py
-records which, and flowkern refuses to load an extension this CPU cannot run (it falls back
-to the other backends with a warning rather than dying on an illegal instruction).
+flowkern/_build_info.py records what was built. At run time FLOWKERN_CPU_CAPABILITY (not a
+build knob) forces a lower capability.
 """
 import glob
 import os
+import platform
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_FLAGS = {
+# Compiler flags per capability. CPU_CAPABILITY names at::vec's inline namespace, so each
+# module's copies of ATen's vector code are distinct symbols, as in ATen's own per-ISA objects.
+X86_CAPABILITIES = {
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
-               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
-    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
+# Elsewhere (aarch64, POWER, ...) the portable build; on aarch64 at::vec's DEFAULT code is NEON.
+OTHER_CAPABILITIES = {"DEFAULT": X86_CAPABILITIES["DEFAULT"]}
 
 
 def _flag(name):
@@ -30,16 +43,54 @@ def _flag(name):
     return None if value == "" else value not in ("0", "false", "False", "no")
 
 
-def _write_build_info(capability, with_cuda):
+def capability_table():
+    machine = platform.machine().lower()
+    return X86_CAPABILITIES if machine in ("x86_64", "amd64", "i686", "i386") else OTHER_CAPABILITIES
+
+
+def requested_capabilities(table):
+    raw = os.environ.get("FLOWKERN_BUILD_CAPABILITIES", "").strip()
+    if not raw:
+        return list(table)
+    wanted = [c.strip().upper() for c in raw.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in table]
+    if unknown or not wanted:
+        raise RuntimeError(f"FLOWKERN_BUILD_CAPABILITIES={raw!r}: this architecture's capabilities are "
+                           f"{', '.join(table)}")
+    return [c for c in table if c in wanted]
+
+
+def _write_build_info(capabilities, with_cuda):
     path = os.path.join(ROOT, "flowkern", "_build_info.py")
-    with open(path, "w") as f:
-        f.write("# Written by setup.py: how flowkern._C was built.\n")
-        f.write(f"CPU_CAPABILITY = {capability!r}\nWITH_CUDA = {with_cuda!r}\n")
+    text = ("# Written by setup.py: what the compiled extensions hold.\n"
+            f"CPU_CAPABILITIES = {tuple(capabilities)!r}\nWITH_CUDA = {with_cuda!r}\n")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:  # unchanged: left alone, so an incremental build keeps its timestamp
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def capability_sources(capability):
+    """One stub per CPU source, #including it, under build/: each capability's objects get
+    their own paths (the same source compiled with other flags), and the compiler's dependency
+    files still track the real sources and headers."""
+    out_dir = os.path.join("build", "cpu-capabilities", capability.lower())
+    os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
+    stubs = []
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))):
+        stub = os.path.join(out_dir, os.path.basename(src))
+        text = f'// Generated by setup.py: {os.path.basename(src)} for {capability}.\n#include "{src}"\n'
+        full = os.path.join(ROOT, stub)
+        if not os.path.exists(full) or open(full).read() != text:
+            with open(full, "w") as f:
+                f.write(text)
+        stubs.append(stub)
+    return stubs
 
 
 def extensions():
     if _flag("FLOWKERN_NO_EXT"):
-        _write_build_info(None, False)
+        _write_build_info((), False)
         return [], {}
     import torch
 
@@ -48,37 +99,41 @@ def extensions():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils import cpp_extension
 
-    capability = os.environ.get("FLOWKERN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    capability = capability.upper()
-    if capability not in CPU_FLAGS:  # other architectures (ARM, POWER): portable build
-        capability = "DEFAULT"
-
     want_cuda = _flag("FLOWKERN_CUDA")
     cuda_possible = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if want_cuda and not cuda_possible:
         raise RuntimeError("FLOWKERN_CUDA=1 but no nvcc (CUDA_HOME) or no CUDA build of torch was found")
     with_cuda = cuda_possible if want_cuda is None else want_cuda
 
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", *CPU_FLAGS[capability]]
-    args = dict(name="flowkern._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_link_args=["-fopenmp"], py_limited_api=False)
+    include = [os.path.join(ROOT, "csrc")]
+    base = ["-O3", "-fno-math-errno"]
+    exts = []
+    core = dict(name="flowkern._C", sources=["csrc/registration.cpp"], include_dirs=include, py_limited_api=False)
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT it
-        args["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        args["extra_compile_args"] = {
-            "cxx": cxx + ["-DFLOWKERN_WITH_CUDA"],
+        core["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        core["extra_compile_args"] = {
+            "cxx": base + ["-DFLOWKERN_WITH_CUDA"],
             # No --use_fast_math: it turns tanhf/expf/logf into ~1e-3-accurate approximations,
             # and these kernels are bound by memory, not arithmetic.
             "nvcc": ["-O3", "-DFLOWKERN_WITH_CUDA", "-Xcompiler", "-fno-math-errno"],
         }
-        ext = cpp_extension.CUDAExtension(**args)
+        exts.append(cpp_extension.CUDAExtension(**core))
     else:
-        args["extra_compile_args"] = {"cxx": cxx}
-        ext = cpp_extension.CppExtension(**args)
-    _write_build_info(capability, with_cuda)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        core["extra_compile_args"] = {"cxx": base}
+        exts.append(cpp_extension.CppExtension(**core))
+
+    table = capability_table()
+    capabilities = requested_capabilities(table)
+    for capability in capabilities:
+        module = f"_cpu_{capability.lower()}"
+        exts.append(cpp_extension.CppExtension(
+            name=f"flowkern.{module}", sources=capability_sources(capability), include_dirs=include,
+            extra_compile_args={"cxx": base + ["-fopenmp", f"-DFLOWKERN_CPU_MODULE={module}", *table[capability]]},
+            extra_link_args=["-fopenmp"], py_limited_api=False))
+    _write_build_info(capabilities, with_cuda)
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -1,7 +1,8 @@
 """python -m benchmarks [--quick | --full] [--device cpu|cuda] [--only NAME] [--root DIR] [--no-compile]
 
-Runs the suites, prints Markdown tables, and writes benchmarks/results/<name>.json (machine and
-every row), .md (the tables) and .png (img/s of the end-to-end suites).
+Runs the suites, prints Markdown tables, and writes runs/bench/<name>.json (machine and every
+row), .md (the tables) and .png (img/s of the end-to-end suites). FLOWKERN_BENCH_OUT names
+another folder; the committed reference results live in benchmarks/results/.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ two is the ceiling, and the table states the most any implementation could gain 
 over the best peer.
 
 The implementations are timed in turn within each round (common.interleaved_medians). Writes
-benchmarks/results/ceiling-<device>.json and .md.
+runs/bench/ceiling-<device>.json and .md.
 """
 from __future__ import annotations
 

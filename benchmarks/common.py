@@ -16,7 +16,11 @@ from typing import Callable, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# A run's results go to runs/bench/ (ignored by git), or FLOWKERN_BENCH_OUT: running the
+# benchmarks never rewrites the committed reference results in benchmarks/results/.
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.environ.get("FLOWKERN_BENCH_OUT") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "bench")
 
 
 def sync(device: str) -> None:
@@ -120,7 +124,7 @@ def describe_machine(info: dict) -> str:
 
 
 def write_results(name: str, info: dict, rows: list, tables: list[str]) -> tuple[str, str]:
-    """JSON (machine + every row) and Markdown (the tables) under benchmarks/results/."""
+    """JSON (machine + every row) and Markdown (the tables) under RESULTS_DIR (runs/bench/)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     json_path = os.path.join(RESULTS_DIR, f"{name}.json")
     md_path = os.path.join(RESULTS_DIR, f"{name}.md")

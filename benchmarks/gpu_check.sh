@@ -30,21 +30,21 @@ echo "== benchmarks" | tee -a "$out/summary.txt"
 # Without torch.compile rows first: inductor's GPU builds (a dozen models and ops) could take the
 # whole budget; the training step with them comes after, on its own.
 timeout 200 "$py" -m benchmarks --quick --device cuda --no-compile --name cuda > "$out/bench.log" 2>&1 || status=1
-cp benchmarks/results/cuda.json benchmarks/results/cuda.md "$out/" 2>/dev/null || true
+cp runs/bench/cuda.json runs/bench/cuda.md "$out/" 2>/dev/null || true
 grep "|" "$out/bench.log" | head -60 | tee -a "$out/summary.txt"
 
 echo "== training step with torch.compile rows" | tee -a "$out/summary.txt"
 timeout 150 "$py" -m benchmarks --quick --device cuda --only train --name cuda-compile > "$out/bench-compile.log" 2>&1 \
     || echo "(compile rows timed out or failed: see bench-compile.log)" | tee -a "$out/summary.txt"
-cp benchmarks/results/cuda-compile.json benchmarks/results/cuda-compile.md "$out/" 2>/dev/null || true
+cp runs/bench/cuda-compile.json runs/bench/cuda-compile.md "$out/" 2>/dev/null || true
 grep "|" "$out/bench-compile.log" | tee -a "$out/summary.txt"
 
 echo "== memory-saving backprop" | tee -a "$out/summary.txt"
 timeout 120 "$py" -m benchmarks.memory_saving --device cuda > "$out/memory_saving.log" 2>&1 || status=1
-cp benchmarks/results/memory_saving-cuda.json benchmarks/results/memory_saving-cuda.md "$out/" 2>/dev/null || true
+cp runs/bench/memory_saving-cuda.json runs/bench/memory_saving-cuda.md "$out/" 2>/dev/null || true
 grep "|" "$out/memory_saving.log" | tee -a "$out/summary.txt"
 echo "== training-step ceilings" | tee -a "$out/summary.txt"
 timeout 150 "$py" -m benchmarks.ceiling --device cuda --budget 1 > "$out/ceiling.log" 2>&1 || status=1
-cp benchmarks/results/ceiling-cuda.json benchmarks/results/ceiling-cuda.md "$out/" 2>/dev/null || true
+cp runs/bench/ceiling-cuda.json runs/bench/ceiling-cuda.md "$out/" 2>/dev/null || true
 grep "|" "$out/ceiling.log" | tee -a "$out/summary.txt"
 exit $status

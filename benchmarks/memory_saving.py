@@ -16,7 +16,7 @@ Memory, per step:
 Time: the median of the whole step (zero_grad, forward, backward), the implementations timed in
 turn within each round, so that a change of load on the machine hits them alike.
 
-Writes benchmarks/results/memory_saving-<device>.json and .md. The suite function
+Writes runs/bench/memory_saving-<device>.json and .md. The suite function
 memory_saving_suite(device, quick, budget_s) -> (rows, table) follows benchmarks/__main__.py's
 suite signature.
 """

@@ -1,6 +1,7 @@
-// Schemas of the flowkern torch ops and their CPU / CUDA implementations. Importing
-// flowkern._C runs these registrations; the fake (meta) implementations used by
-// torch.compile live in Python (flowkern/ops), beside the autograd wiring.
+// Schemas of the flowkern torch ops and their CUDA implementations. Importing flowkern._C runs
+// these registrations; the CPU implementations register from the capability module flowkern
+// loads next (csrc/cpu/module.cpp), and the fake (meta) implementations used by torch.compile
+// live in Python (flowkern/ops), beside the autograd wiring.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -72,16 +73,6 @@ TORCH_LIBRARY(flowkern, m) {
   m.def("gaussian_nll_fwd(Tensor z, Tensor? logdet, bool bits) -> Tensor");
   // grad_z = grad_row * z (/ D ln 2 when bits); the log-det's gradient is -grad (/ D ln 2).
   m.def("gaussian_nll_bwd(Tensor grad, Tensor z, bool bits) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(flowkern, CPU, m) {
-  m.impl("affine_coupling_fwd", &flowkern::cpu::affine_coupling_fwd);
-  m.impl("affine_coupling_bwd", &flowkern::cpu::affine_coupling_bwd);
-  m.impl("affine_coupling_merge_fwd", &flowkern::cpu::affine_coupling_merge_fwd);
-  m.impl("affine_coupling_merge_bwd", &flowkern::cpu::affine_coupling_merge_bwd);
-  m.impl("affine_coupling_merge_bwd_out", &flowkern::cpu::affine_coupling_merge_bwd_out);
-  m.impl("rq_spline_fwd", &flowkern::cpu::rq_spline_fwd);
-  m.impl("rq_spline_bwd", &flowkern::cpu::rq_spline_bwd);
 }
 
 #ifdef FLOWKERN_WITH_CUDA

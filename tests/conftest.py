@@ -46,3 +46,13 @@ def _restore_backend():
     previous = flowkern.get_backend()
     yield
     flowkern.set_backend(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks `cpu_kernels` every test that runs the compiled CPU kernels (parametrized with the
+    "cpu" backend, or marked by hand): `make test` runs those again under each lower CPU
+    capability (FLOWKERN_CPU_CAPABILITY=DEFAULT, ...)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "cpu":
+            item.add_marker(pytest.mark.cpu_kernels)
