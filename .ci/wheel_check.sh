@@ -24,14 +24,13 @@ echo "-- a fresh venv with the pinned torch"
 base=$("$py" -c 'import sys; print(sys._base_executable)')
 "$base" -m venv "$tmp/venv"
 torch_pin=$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')
-"$tmp/venv/bin/python" -m pip install -q "torch==$torch_pin" numpy tqdm
-"$tmp/venv/bin/python" -m pip install -q --no-deps "$wheel"
+# (pip's warnings about this machine's absent local index folders filtered out)
+"$tmp/venv/bin/python" -m pip install -q "torch==$torch_pin" numpy tqdm 2>&1 | { grep -v "^WARNING: Location" || true; }
+"$tmp/venv/bin/python" -m pip install -q --no-deps "$wheel" 2>&1 | { grep -v "^WARNING: Location" || true; }
 
 echo "-- import and run with no compiler on PATH"
-mkdir -p "$tmp/bin"
-ln -s "$tmp/venv/bin/python" "$tmp/bin/python"
 cd "$tmp"
-env -i HOME="$tmp" PATH="$tmp/bin" CC=/nonexistent CXX=/nonexistent "$tmp/bin/python" - <<'PY'
+env -i HOME="$tmp" PATH="$tmp/venv/bin" CC=/nonexistent CXX=/nonexistent "$tmp/venv/bin/python" - <<'PY'
 import shutil
 import torch
 import flowkern

@@ -41,6 +41,17 @@ def assert_close_2x(name, got, ref64, ref_lowp, atol):
                            f"{err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
 
 
+def spline_roundtrip_bound(x, y, log_slope, bound, eps, tiny=0.0):
+    """|F^-1(F(x)) - x| elementwise for the spline in a dtype of unit roundoff eps: y rounds to
+    eps (|y| + bound) (the knots too, which the inverse rebuilds), and the inverse scales that by
+    its slope, 1 / F'(x) = exp(-log_slope) (flat bins of F magnify it), beside x's own knots'
+    rounding; 64 ulps covers the dozen roundings of the knots' cumulative sums and the root
+    formula. `tiny` is the dtype's subnormal spacing, for flat bins near zero. No CPU's rounding
+    enters: it bounds every correctly rounded implementation."""
+    inv_slope = torch.exp(-log_slope)
+    return 64 * eps * ((x.abs() + bound) + (y.abs() + bound) * inv_slope) + 2 * tiny * inv_slope
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = flowkern.get_backend()

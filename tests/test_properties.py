@@ -47,7 +47,7 @@ from flowkern.reference.affine_coupling import affine_coupling_merge_ref
 from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
 from flowkern.reference.rq_spline import find_bin, spline_knots
 
-from conftest import kernel_backends
+from conftest import kernel_backends, spline_roundtrip_bound
 
 # ------------------------------------------------------------------------------------------------
 # Backends, example counts, bookkeeping
@@ -526,12 +526,10 @@ def spline_slopes(case):
 
 
 def spline_roundtrip_tol(case, eps):
-    """y rounds to eps (|y| + bound) (the knots too); the second map scales that by its slope
-    (1 / the first's): flat pieces of the first map magnify it."""
+    """conftest.spline_roundtrip_bound at the case's elements (float64 reference slopes)."""
     x, kw = case.tensors["x"], case.kwargs
     y, log_slope = spline_slopes(case)
-    return (64 * eps * ((x.abs() + kw["bound"]) + (y.abs() + kw["bound"]) * torch.exp(-log_slope))
-            + 2 * TINY[case.dtype] * torch.exp(-log_slope))
+    return spline_roundtrip_bound(x, y, log_slope, kw["bound"], eps, TINY[case.dtype])
 
 
 def spline_bin_terms(case: Case):

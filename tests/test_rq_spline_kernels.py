@@ -9,7 +9,7 @@ from flowkern.ops import rq_spline
 from flowkern.reference import rq_spline_ref
 from flowkern.reference.rq_spline import spline_knots
 
-from conftest import assert_close_2x, kernel_backends
+from conftest import assert_close_2x, kernel_backends, spline_roundtrip_bound
 
 
 def make(shape, bins, device, p_scale=1.0, x_scale=2.0, seed=0):
@@ -88,9 +88,13 @@ def test_kernels_round_trip_and_batch_zero(backend, device):
         y, ld = rq_spline(x, params)
         x2, ld2 = rq_spline(y, params, inverse=True)
         empty, ld0 = rq_spline(x[:0], params[:0])
-    ry, _ = rq_spline_ref(x, params)
-    rx2, _ = rq_spline_ref(ry, params, inverse=True)
-    assert_close_2x("round trip", x2, x.double(), rx2, atol=1e-5)
+    # The round trip's error is bounded by the problem's conditioning (the inverse's slope at
+    # y), not by the float32 reference's own round trip, which can happen to come back exact.
+    y64, ld64 = rq_spline_ref(x.double(), params.double(), inverse=False)
+    log_slope = rq_spline_ref(x.double().reshape(-1, 1), params.double().reshape(-1, 1, params.shape[-1]))[1]
+    bound = spline_roundtrip_bound(x.double(), y64, log_slope.reshape(x.shape), 3.0, 2.0 ** -24)
+    err = (x2.double() - x.double()).abs()
+    assert (err <= bound).all(), f"round trip: worst err {err.max():.3g}, bound there {bound.flatten()[err.argmax()]:.3g}"
     torch.testing.assert_close(ld2, -ld, rtol=1e-4, atol=1e-4)
     assert empty.shape == (0, 50) and ld0.shape == (0,)
 

@@ -125,10 +125,37 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+// In-register transpose of an 8 x 8 float block (r[i] = row i in, column i out).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xee);
+    u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+    r[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+  }
+}
+
+// Lanes [0, n) of an AVX2 mask register (n in [0, 8]).
+inline __m256i lanes_mask8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 // src: the group's `lanes` elements' params, element-major (np each); dst[i * W + lane] =
 // param i of lane. float on AVX-512: 16 x 16 register transposes (2x faster than ATen's
-// transpose_mxn here, 8x faster than gathers); else scalar copies. Lanes past `lanes` keep
-// whatever the buffer held (finite: earlier params or zeros); their results are never stored.
+// transpose_mxn here, 8x faster than gathers); float on AVX2: 8 x 8 ones, with masked loads
+// and stores at a row's end; else scalar copies. Lanes past `lanes` keep whatever the buffer
+// held (finite: earlier params or zeros); their results are never stored.
 template <typename scalar_t>
 void load_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
@@ -141,6 +168,21 @@ void load_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
         r[e] = e < lanes ? _mm512_maskz_loadu_ps(cols, src + e * np + i0) : _mm512_setzero_ps();
       transpose16(r);
       for (int c = 0; c < std::min(16, np - i0); ++c) _mm512_store_ps(dst + (i0 + c) * W, r[c]);
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int i0 = 0; i0 < np; i0 += 8) {
+      const int n_cols = std::min(8, np - i0);
+      const __m256i cols = lanes_mask8(n_cols);
+      __m256 r[8];
+      for (int64_t e = 0; e < 8; ++e) {
+        const float* row = src + e * np + i0;
+        r[e] = e >= lanes ? _mm256_setzero_ps() : n_cols == 8 ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, cols);
+      }
+      transpose8(r);
+      for (int c = 0; c < n_cols; ++c) _mm256_store_ps(dst + (i0 + c) * W, r[c]);
     }
     return;
   }
@@ -162,6 +204,22 @@ void store_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
       for (int c = 0; c < 16; ++c) r[c] = c < n_cols ? _mm512_load_ps(src + (i0 + c) * W) : _mm512_setzero_ps();
       transpose16(r);
       for (int64_t e = 0; e < lanes; ++e) _mm512_mask_storeu_ps(dst + e * np + i0, cols, r[e]);
+    }
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int i0 = 0; i0 < np; i0 += 8) {
+      const int n_cols = std::min(8, np - i0);
+      const __m256i cols = lanes_mask8(n_cols);
+      __m256 r[8];
+      for (int c = 0; c < 8; ++c) r[c] = c < n_cols ? _mm256_load_ps(src + (i0 + c) * W) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int64_t e = 0; e < lanes; ++e) {
+        float* row = dst + e * np + i0;
+        if (n_cols == 8) _mm256_storeu_ps(row, r[e]);
+        else _mm256_maskstore_ps(row, cols, r[e]);
+      }
     }
     return;
   }
