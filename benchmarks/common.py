@@ -91,7 +91,8 @@ def machine(device: str) -> dict:
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's own kernels' ISA
+        "flowkern_cpu_capability": _flowkern_capability(),          # flowkern's CPU kernels' ISA
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
@@ -118,8 +119,17 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def _flowkern_capability():
+    from flowkern import _ext
+    return _ext.cpu_capability()
+
+
 def describe_machine(info: dict) -> str:
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {info['cpu_capability']})"
+    isa = info["cpu_capability"]
+    ours = info.get("flowkern_cpu_capability")
+    if ours and ours != isa:
+        isa += f", flowkern's kernels {ours}"
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores, {isa})"
     return f"{where}; torch {info['torch']}, triton {info.get('triton')}; {info['date']}"
 
 
