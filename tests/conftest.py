@@ -41,6 +41,17 @@ def assert_close_2x(name, got, ref64, ref_lowp, atol):
                            f"{err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
 
 
+def affine_roundtrip_bound(x, t, m, eps, inverse=False, tiny=0.0):
+    """|x - back| elementwise for the affine coupling's round trip in a dtype of unit roundoff
+    eps. Forward first: y = x m + t rounds to eps (|x m| + |t|), which going back divides by m;
+    inverse first: y = (x - t) / m rounds to eps (|x| + |t|) / m, which going back multiplies
+    by m. 16 ulps covers the few roundings on each side; `tiny` (the dtype's subnormal
+    spacing) the intermediate's absolute floor, over the first map's slope."""
+    x, t, m = (a.double() for a in (x, t, m))
+    first = 1 / m if inverse else m
+    return 16 * eps * (x.abs() + (t.abs() if inverse else t.abs() / m)) + 2 * tiny / first
+
+
 def spline_roundtrip_bound(x, y, log_slope, bound, eps, tiny=0.0):
     """|F^-1(F(x)) - x| elementwise for the spline in a dtype of unit roundoff eps: y rounds to
     eps (|y| + bound) (the knots too, which the inverse rebuilds), and the inverse scales that by

@@ -47,7 +47,7 @@ from flowkern.reference.affine_coupling import affine_coupling_merge_ref
 from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
 from flowkern.reference.rq_spline import find_bin, spline_knots
 
-from conftest import kernel_backends, spline_roundtrip_bound
+from conftest import affine_roundtrip_bound, kernel_backends, spline_roundtrip_bound
 
 # ------------------------------------------------------------------------------------------------
 # Backends, example counts, bookkeeping
@@ -358,8 +358,7 @@ def affine_roundtrip_tol(case, eps):
     if case.op == "additive_coupling":
         return 16 * eps * (x.abs() + t.abs()) + TINY[case.dtype]
     m = torch.exp(R.affine_coupling.log_scale_ref(case.tensors["scale_raw"], kw["scale"], kw["clamp"]))
-    first = 1 / m if kw["inverse"] else m  # the first map's slope: the intermediate's absolute floor over it
-    return 16 * eps * (x.abs() + (t.abs() if kw["inverse"] else t.abs() / m)) + 2 * TINY[case.dtype] / first
+    return affine_roundtrip_bound(x, t, m, eps, kw["inverse"], TINY[case.dtype])
 
 
 def affine_scale_grad_error(x, t, s, kw, w, wl, eps):
