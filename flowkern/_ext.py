@@ -82,6 +82,11 @@ def _load() -> _Loaded:
         state.reason = "flowkern was not built (run `pip install --no-build-isolation -e .`)"
         return state
     state.built = tuple(getattr(_build_info, "CPU_CAPABILITIES", ()))
+    if not state.built and hasattr(_build_info, "CPU_CAPABILITY"):  # one-ISA builds before the dispatch
+        state.reason = ("flowkern's extension was built by an older setup.py (one CPU ISA, no dispatch); "
+                        "rebuild it: `pip install --no-build-isolation --no-deps -e .`")
+        warnings.warn(state.reason + "; using the reference/Triton backends", RuntimeWarning, stacklevel=3)
+        return state
     if not state.built:
         state.reason = "flowkern was installed without its extension (FLOWKERN_NO_EXT=1)"
         return state
