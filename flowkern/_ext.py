@@ -74,6 +74,13 @@ class _Loaded:
         self.reason: Optional[str] = None
 
 
+def _fall_back(state: _Loaded, reason: str) -> _Loaded:
+    """The extension is there but unusable: say why, once, and run the reference/Triton backends."""
+    state.reason = reason
+    warnings.warn(reason + "; using the reference/Triton backends", RuntimeWarning, stacklevel=4)
+    return state
+
+
 def _load() -> _Loaded:
     state = _Loaded()
     try:
@@ -83,10 +90,9 @@ def _load() -> _Loaded:
         return state
     state.built = tuple(getattr(_build_info, "CPU_CAPABILITIES", ()))
     if not state.built and hasattr(_build_info, "CPU_CAPABILITY"):  # one-ISA builds before the dispatch
-        state.reason = ("flowkern's extension was built by an older setup.py (one CPU ISA, no dispatch); "
-                        "rebuild it: `pip install --no-build-isolation --no-deps -e .`")
-        warnings.warn(state.reason + "; using the reference/Triton backends", RuntimeWarning, stacklevel=3)
-        return state
+        reason = ("flowkern's extension was built by an older setup.py (one CPU ISA, no dispatch); "
+                  "rebuild it: `pip install --no-build-isolation --no-deps -e .`")
+        return _fall_back(state, reason)
     if not state.built:
         state.reason = "flowkern was installed without its extension (FLOWKERN_NO_EXT=1)"
         return state
@@ -94,18 +100,15 @@ def _load() -> _Loaded:
     if note:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     if capability is None:
-        state.reason = (f"flowkern's CPU kernels were built for {', '.join(state.built)} only, and this CPU "
-                        "runs none of them; rebuild with FLOWKERN_BUILD_CAPABILITIES unset")
-        warnings.warn(state.reason + "; using the reference/Triton backends", RuntimeWarning, stacklevel=3)
-        return state
+        reason = (f"flowkern's CPU kernels were built for {', '.join(state.built)} only, and this CPU "
+                  "runs none of them; rebuild with FLOWKERN_BUILD_CAPABILITIES unset")
+        return _fall_back(state, reason)
     try:
         state.core = importlib.import_module("flowkern._C")
         state.cpu = importlib.import_module(f"flowkern._cpu_{capability.lower()}")
     except ImportError as exc:
         state.core = state.cpu = None
-        state.reason = f"flowkern's extension failed to import: {exc}"
-        warnings.warn(state.reason + "; using the reference/Triton backends", RuntimeWarning, stacklevel=3)
-        return state
+        return _fall_back(state, f"flowkern's extension failed to import: {exc}")
     state.capability = capability
     return state
 
