@@ -11,6 +11,8 @@ import torch
 
 import flowkern
 
+from tolerances import affine_roundtrip_bound, spline_roundtrip_bound  # noqa: F401 (re-exported)
+
 
 def kernel_backends(with_reference: bool = False):
     """pytest params (backend, device) for every non-reference backend available here (and the
@@ -39,28 +41,6 @@ def assert_close_2x(name, got, ref64, ref_lowp, atol):
     bad = ~(err <= bound)
     assert not bad.any(), (f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst err "
                            f"{err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
-
-
-def affine_roundtrip_bound(x, t, m, eps, inverse=False, tiny=0.0):
-    """|x - back| elementwise for the affine coupling's round trip in a dtype of unit roundoff
-    eps. Forward first: y = x m + t rounds to eps (|x m| + |t|), which going back divides by m;
-    inverse first: y = (x - t) / m rounds to eps (|x| + |t|) / m, which going back multiplies
-    by m. 16 ulps covers the few roundings on each side; `tiny` (the dtype's subnormal
-    spacing) the intermediate's absolute floor, over the first map's slope."""
-    x, t, m = (a.double() for a in (x, t, m))
-    first = 1 / m if inverse else m
-    return 16 * eps * (x.abs() + (t.abs() if inverse else t.abs() / m)) + 2 * tiny / first
-
-
-def spline_roundtrip_bound(x, y, log_slope, bound, eps, tiny=0.0):
-    """|F^-1(F(x)) - x| elementwise for the spline in a dtype of unit roundoff eps: y rounds to
-    eps (|y| + bound) (the knots too, which the inverse rebuilds), and the inverse scales that by
-    its slope, 1 / F'(x) = exp(-log_slope) (flat bins of F magnify it), beside x's own knots'
-    rounding; 64 ulps covers the dozen roundings of the knots' cumulative sums and the root
-    formula. `tiny` is the dtype's subnormal spacing, for flat bins near zero. No CPU's rounding
-    enters: it bounds every correctly rounded implementation."""
-    inv_slope = torch.exp(-log_slope)
-    return 64 * eps * ((x.abs() + bound) + (y.abs() + bound) * inv_slope) + 2 * tiny * inv_slope
 
 
 @pytest.fixture(autouse=True)
