@@ -909,19 +909,27 @@ def _perturbed_inputs(inputs, rel: float, sign, seed: int):
 
 
 def perturbation_moves(fn: Callable, inputs: Sequence, eps: float, seed: int = 0):
-    """Elementwise, the largest move of fn's float64 outputs when every float input is scaled by
-    (1 + 8 eps s), s all +1, all -1 or random signs: what the inputs' rounding to a dtype of unit
-    roundoff eps can do to the exact answer (the problem's condition)."""
+    """Elementwise, what the inputs' rounding to a dtype of unit roundoff eps can do to fn's
+    exact (float64) outputs, to first order: for each float input in turn, the largest move when
+    it alone is scaled by (1 + 8 eps s), s all +1, all -1 or random signs; summed over the inputs
+    (independent roundings add at worst: the triangle inequality), so that no sign pattern of two
+    inputs' perturbations can cancel where their roundings would not (x m + t next to 0)."""
     inputs64 = [a.detach().cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                 for a in inputs]
     exact = [o.detach().cpu().double() for o in _as_tuple(fn(*inputs64))]
-    moves = [torch.zeros_like(o) for o in exact]
-    for sign in (1.0, -1.0, None):
-        moved = _as_tuple(fn(*_perturbed_inputs(inputs64, 8 * eps, sign, seed)))
-        for i, (a, b) in enumerate(zip(moved, exact)):
-            d = (a.detach().cpu().double() - b).abs()
-            moves[i] = torch.maximum(moves[i], torch.nan_to_num(d, nan=math.inf, posinf=math.inf))
-    return exact, moves
+    total = [torch.zeros_like(o) for o in exact]
+    for j, a in enumerate(inputs64):
+        if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+            continue
+        moves = [torch.zeros_like(o) for o in exact]
+        for sign in (1.0, -1.0, None):
+            perturbed = list(inputs64)
+            perturbed[j] = _perturbed_inputs([a], 8 * eps, sign, seed + 31 * j)[0]
+            for i, (o, b) in enumerate(zip(_as_tuple(fn(*perturbed)), exact)):
+                d = (o.detach().cpu().double() - b).abs()
+                moves[i] = torch.maximum(moves[i], torch.nan_to_num(d, nan=math.inf, posinf=math.inf))
+        total = [t + m for t, m in zip(total, moves)]
+    return exact, total
 
 
 def check_against(name: str, fn: Callable, inputs: Sequence, got, dtype, *, extra=(), atol: float = 0.0,
@@ -954,3 +962,113 @@ def sum_rounding(terms: torch.Tensor, eps: float, dims=None) -> torch.Tensor:
         dims = tuple(range(1, a.dim()))
     n = max(1, math.prod(a.shape[d] for d in dims)) if dims else 1
     return 4 * eps * (math.log2(n) + 1) * (a.sum(dims) if dims else a)
+
+
+def layer_fn(layer: torch.nn.Module, run_fn: Callable, backend: str = "reference"):
+    """(fn, params) for check_against on a layer or model: fn(x, *params) runs run_fn(module, x)
+    (returning a tuple of tensors: outputs, log-dets, gradients) on a copy of `layer` in x's
+    dtype whose parameters are `params`, under `backend`. The parameters are inputs like x:
+    check_against rounds them, runs the float64 copy exactly and perturbs them by 8 ulps (what
+    a matmul's rounding does is a relative perturbation of its weights of that order)."""
+    def fn(x, *params):
+        m = copy.deepcopy(layer).to(x.dtype)
+        with torch.no_grad():
+            for p, v in zip(m.parameters(), params):
+                p.copy_(v)
+        with flowkern.backend(backend):
+            return tuple(run_fn(m, x))
+    return fn, [p.detach().cpu() for p in layer.parameters()]
+
+
+def _leaf_flow_layers(module: torch.nn.Module):
+    from flowkern.nn.flow import FlowLayer
+    out = []
+    for m in module.modules():
+        if isinstance(m, FlowLayer) and not any(isinstance(c, FlowLayer) for c in m.modules() if c is not m):
+            out.append(m)
+    return out
+
+
+def _perturb(h: torch.Tensor, rel: float, sign, absolute: float, gen: torch.Generator) -> torch.Tensor:
+    if sign is None:
+        s = torch.where(torch.rand(h.shape, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
+    else:
+        s = sign
+    return h * (1 + rel * s) + rel * s * absolute
+
+
+def flow_roundtrip_bound(layer: torch.nn.Module, x: torch.Tensor, eps: float, context=None):
+    """(x bound, log-det bound), elementwise / per row, for inverse(forward(x)) of a layer or a
+    whole flow run in a dtype of unit roundoff eps.
+
+    To first order, a rounding d_k of the intermediate h_k (the output of the k-th elementary
+    layer, going either way) comes back as J_{1..k}^-1 d_k: the inverse of the layers before it
+    applied to it. This measures exactly that in float64: every elementary layer's output
+    scaled by (1 + 8 eps s) (plus 8 eps s times the spline's bound: its knots round at that
+    scale), in the forward pass, then in the inverse pass, s all +1, all -1 or random signs,
+    and the largest move of the float64 round trip is taken, 2x; plus 16 eps |x| (x's own
+    rounding). The log-dets: how far the same perturbations move ld_forward + ld_inverse (the
+    log-slopes taken at moved points), 2x, plus 64 eps per elementary layer times (its terms'
+    count + |its log-det|), the rounding of its sum of log terms of O(1) (test_properties'
+    convention). No CPU's rounding enters, and the bound does not collapse where a float32
+    round trip happens to come back exact."""
+    m = copy.deepcopy(layer).cpu().double()
+    x64 = x.detach().cpu().double()
+    ctx = None if context is None else context.detach().cpu().double()
+    leaves = _leaf_flow_layers(m)
+    rel = 8 * eps
+    with torch.no_grad(), flowkern.backend("reference"):
+        y, ld_f = m(x64, ctx)
+        base, ld_i = m.inverse(y, ctx)
+        base_sum = ld_f + ld_i
+        # The per-layer log-det increments, for their sums' rounding.
+        increments = []
+        hooks = [leaf.register_forward_hook(lambda mod, args, out: increments.append(
+            (out[1] - (args[2] if len(args) > 2 and args[2] is not None else 0), out[0][0].numel()))
+            if isinstance(out, tuple) else None) for leaf in leaves]
+        m(x64, ctx)
+        for h in hooks:
+            h.remove()
+        x_move = torch.zeros_like(x64)
+        ld_move = torch.zeros_like(base_sum)
+        for direction in ("forward", "inverse"):
+            for si, sign in enumerate((1.0, -1.0, None)):
+                gen = torch.Generator().manual_seed(1234 + si)
+                undo = []
+                for leaf in leaves:
+                    absolute = float(getattr(leaf, "bound", 0.0) or 0.0)
+                    if direction == "forward":
+                        def hook(mod, args, out, absolute=absolute, gen=gen, sign=sign):
+                            return (_perturb(out[0], rel, sign, absolute, gen),) + tuple(out[1:])
+                        undo.append(leaf.register_forward_hook(hook).remove)
+                    else:
+                        def inv(*a, _orig=leaf.inverse, absolute=absolute, gen=gen, sign=sign, **k):
+                            out = _orig(*a, **k)
+                            return (_perturb(out[0], rel, sign, absolute, gen),) + tuple(out[1:])
+                        leaf.inverse = inv
+                        undo.append(lambda leaf=leaf: delattr(leaf, "inverse"))
+                yp, ldp_f = m(x64, ctx)
+                back, ldp_i = m.inverse(yp, ctx)
+                for u in undo:
+                    u()
+                x_move = torch.maximum(x_move, torch.nan_to_num((back - base).abs(), nan=math.inf))
+                ld_move = torch.maximum(ld_move, torch.nan_to_num((ldp_f + ldp_i - base_sum).abs(), nan=math.inf))
+    x_bound = 2 * x_move + 16 * eps * x64.abs()
+    sums = sum((64 * eps * (n + d.abs()) for d, n in increments), torch.zeros_like(base_sum))
+    return x_bound, 2 * ld_move + sums + base_sum.abs()
+
+
+def check_flow_roundtrip(layer: torch.nn.Module, x: torch.Tensor, context=None):
+    """inverse(forward(x)) == x and ld_inverse == -ld_forward for the layer in x's dtype (on the
+    current backend), within flow_roundtrip_bound."""
+    y, ld = layer(x, context)
+    x2, ld_inv = layer.inverse(y, context)
+    assert x2.shape == x.shape and ld.shape == (x.shape[0],)
+    x_bound, ld_bound = flow_roundtrip_bound(layer, x, EPS[compute_dtype(x.dtype)], context)
+    err = (x2.detach().cpu().double() - x.detach().cpu().double()).abs()
+    bad = ~(err <= x_bound)
+    assert not bad.any(), (f"round trip: {int(bad.sum())} of {err.numel()} off; worst err {err[bad].max():.3g} "
+                           f"vs bound {x_bound[bad].min():.3g}")
+    ld_err = (ld.detach().cpu().double() + ld_inv.detach().cpu().double()).abs()
+    assert (ld_err <= ld_bound).all(), f"log-dets do not cancel: {ld_err.max():.3g} vs bound {ld_bound.min():.3g}"
+    return y, ld
