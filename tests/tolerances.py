@@ -933,14 +933,18 @@ def perturbation_moves(fn: Callable, inputs: Sequence, eps: float, seed: int = 0
 
 
 def check_against(name: str, fn: Callable, inputs: Sequence, got, dtype, *, extra=(), atol: float = 0.0,
-                  normwise: bool = False, names: Optional[Sequence[str]] = None) -> None:
+                  normwise: bool = False, names: Optional[Sequence[str]] = None,
+                  in_dtypes: Optional[Sequence] = None) -> None:
     """Each of `got` (what a kernel, layer or model gave in `dtype` for fn(*inputs)) within the
     conditioned bound of check_close: 2x fn's own error run on the inputs in `dtype`, plus what
     8-ulp input perturbations move the float64 fn(*inputs), plus 16 ulps of the value, plus
     `extra` (per output: an analytic bound, documented where it is passed) and atol (likewise).
-    fn must run in the dtype of its inputs; inputs are taken exactly as given, rounded to dtype."""
+    fn must run in the dtype of its inputs; inputs are taken exactly as given, rounded to dtype
+    (or to in_dtypes[i], where given and not None)."""
     eps = EPS[compute_dtype(dtype)]
-    lowp_in = [a.detach().to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs]
+    in_dtypes = list(in_dtypes) if in_dtypes is not None else [dtype] * len(inputs)  # e.g. a float32 log-det
+    lowp_in = [a.detach().to(d or dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+               for a, d in zip(inputs, in_dtypes)]
     exact_in = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in lowp_in]
     exact, moves = perturbation_moves(fn, exact_in, eps)
     lowp = [o.detach().cpu().double() for o in _as_tuple(fn(*lowp_in))]
