@@ -31,18 +31,6 @@ def kernel_backends(with_reference: bool = False):
     return params
 
 
-def assert_close_2x(name, got, ref64, ref_lowp, atol):
-    """The kernel's error vs the float64 reference is at most 2x the error of the reference run
-    in the kernel's dtype, plus atol (the rule the best kernel libraries use)."""
-    got, ref64, ref_lowp = (t.detach().double().cpu() for t in (got, ref64, ref_lowp))
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    err = (got - ref64).abs()
-    bound = 2 * (ref_lowp - ref64).abs() + atol + 1e-6 * ref64.abs()
-    bad = ~(err <= bound)
-    assert not bad.any(), (f"{name}: {int(bad.sum())} of {err.numel()} elements off; worst err "
-                           f"{err[bad].max().item():.3g} vs bound {bound[bad].min().item():.3g}")
-
-
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = flowkern.get_backend()
