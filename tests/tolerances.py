@@ -998,7 +998,8 @@ def _perturb(h: torch.Tensor, rel: float, sign, absolute: float, gen: torch.Gene
         s = torch.where(torch.rand(h.shape, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
     else:
         s = sign
-    return h * (1 + rel * s) + rel * s * absolute
+    # moved by rel (|h| + absolute) in the direction s (h (1 + rel s) + rel s absolute would cancel for h = -absolute)
+    return h + rel * s * (h.abs() + absolute)
 
 
 def flow_roundtrip_bound(layer: torch.nn.Module, x: torch.Tensor, eps: float, context=None):
