@@ -13,7 +13,7 @@ from flowkern.reference import affine_coupling_ref
 from flowkern.reference.affine_coupling import log_scale_ref
 
 from conftest import kernel_backends
-from tolerances import EPS, affine_scale_grad_error, check_against, check_agree, check_op_roundtrip
+from tolerances import EPS, affine_scale_grad_error, check_against, check_agree, check_op_roundtrip, sum_rounding
 
 SCALES = ("exp", "sigmoid", "tanh")
 SHAPES = [(1, 1), (3, 3), (2, 129), (2, 784), (2, 3, 5), (1, 1300)]
@@ -62,8 +62,10 @@ def test_logdet_is_optional_and_grad_without_logdet(backend, device, scale):
         out, ld = affine_coupling_ref(x, t, s, scale=scale)
         return ld, torch.autograd.grad(out.sum(), s)[0]
 
+    # The log-det: its sum's rounding besides (tolerances.sum_rounding of the log m's).
+    sums = sum_rounding(log_scale_ref(s.detach().double().cpu(), scale, 2.0), EPS[torch.float32])
     check_against("no logdet", ref, (x.cpu(), t.cpu(), s.detach().cpu()), (ld, s.grad), torch.float32,
-                  names=("logdet", "grad_scale_raw"))
+                  names=("logdet", "grad_scale_raw"), extra=(sums, 0.0))
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
@@ -167,8 +169,10 @@ def test_extreme_scales_stay_finite(backend, device, scale, s_value, inverse, ba
         y, ld = affine_coupling(x, t, s, scale=scale, inverse=inverse)
         (y.sum() + ld.sum()).backward()
     assert torch.isfinite(y).all() and torch.isfinite(ld).all() and torch.isfinite(s.grad).all()
+    sums = sum_rounding(log_scale_ref(s.detach().double().cpu(), scale, 2.0), EPS[torch.float32])
     check_against("extreme scales", lambda x, t, s: affine_coupling_ref(x, t, s, scale=scale, inverse=inverse),
-                  (x.cpu(), t.cpu(), s.detach().cpu()), (y, ld), torch.float32, names=("out", "logdet"))
+                  (x.cpu(), t.cpu(), s.detach().cpu()), (y, ld), torch.float32, names=("out", "logdet"),
+                  extra=(0.0, sums))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -342,8 +346,9 @@ def test_tanh_with_a_clamp_beyond_float_range(backend, device, inverse):
     kw = dict(scale="tanh", clamp=120.0)
     grad_error = affine_scale_grad_error(x.double().cpu(), t.double().cpu(), s64, kw, torch.zeros_like(s64),
                                          torch.ones(s64.shape[0], dtype=torch.float64), EPS[torch.float32])
+    sums = sum_rounding(log_scale_ref(s64, "tanh", 120.0), EPS[torch.float32])
     check_against("clamp 120", ref, (x.cpu(), t.cpu(), s.detach().cpu()), (ld, gs), torch.float32,
-                  names=("logdet", "grad_scale_raw"), extra=(0.0, grad_error))
+                  names=("logdet", "grad_scale_raw"), extra=(sums, grad_error))
 
 
 @pytest.mark.triton
