@@ -55,6 +55,9 @@ def test_float64_matches_reference():
         with flowkern.backend("cpu"):
             got = run(gaussian_nll, z, ld, w, bits_per_dim=bits)
         assert got[0].dtype == torch.float64
+        # Two float64 evaluations of a well-conditioned sum of 101 squares (terms <= ~50, sum
+        # ~450): any order's rounding is <= eps log2(101) sum |terms| ~ 4e-13 (n eps sum ~ 5e-12
+        # worst case), the gradients z and w exact to an ulp: rtol 1e-13 (4.5e-11 here) + 1e-12.
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-12)
 
@@ -85,9 +88,16 @@ def test_logdet_is_optional_and_the_formula(backend, device):
     with flowkern.backend(backend):
         nll = gaussian_nll(z)
         bpd = gaussian_nll(z, bits_per_dim=True)
-    expected = 0.5 * (z.double() ** 2).sum(1) + 3.5 * math.log(2 * math.pi)
-    torch.testing.assert_close(nll.double(), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(bpd.double(), expected / (7 * math.log(2)), rtol=1e-6, atol=1e-6)
+    # The closed form, 1/2 sum z^2 + D/2 log(2 pi), in float64, within the conditioned bound plus
+    # the float32 sum's rounding of its terms (tolerances.sum_rounding), instead of rtol/atol 1e-6.
+    def formula(z):
+        nll = 0.5 * (z ** 2).sum(1) + 3.5 * math.log(2 * math.pi)
+        return nll, nll / (7 * math.log(2))
+
+    terms = torch.cat([z.double().cpu() ** 2 / 2, torch.full((3, 1), 3.5 * math.log(2 * math.pi))], 1)
+    sums = sum_rounding(terms, EPS[torch.float32])
+    check_against("closed form", formula, (z.cpu(),), (nll, bpd), torch.float32,
+                  extra=(sums, sums / (7 * math.log(2))), names=("nll", "bpd"))
 
 
 @pytest.mark.parametrize("backend,device", kernel_backends())
@@ -192,12 +202,21 @@ def test_flow_log_prob_is_minus_the_nll(backend):
         lp = flow.log_prob(x)
         (g,) = torch.autograd.grad(lp.sum(), flow.layers[0].b)
         base_lp = flow.base.log_prob(x)
-    z = (x + flow.layers[0].b).detach().double()
-    expected = -0.5 * (z ** 2).sum(1) - 3 * math.log(2 * math.pi) + 0.25
-    torch.testing.assert_close(lp.double(), expected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(g.double(), -z.sum(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(base_lp.double(), -0.5 * (x.double() ** 2).sum(1) - 3 * math.log(2 * math.pi),
-                               rtol=1e-6, atol=1e-5)
+    # The closed forms in float64 within the conditioned bound (x and b perturbed) plus their
+    # float32 sums' rounding (tolerances.sum_rounding), instead of rtol 1e-6..1e-5 / atol 1e-5.
+    c = 3 * math.log(2 * math.pi)
+
+    def formula(x, b):
+        z = x + b
+        return -0.5 * (z ** 2).sum(1) - c + 0.25, -z.sum(0), -0.5 * (x ** 2).sum(1) - c
+
+    b = flow.layers[0].b.detach()
+    z = (x + b).double()
+    eps = EPS[torch.float32]
+    const = torch.full((5, 1), c + 0.25, dtype=torch.float64)
+    check_against("log_prob", formula, (x, b), (lp, g, base_lp), torch.float32, names=("lp", "grad_b", "base_lp"),
+                  extra=(sum_rounding(torch.cat([z ** 2 / 2, const], 1), eps), sum_rounding(z, eps, dims=(0,)),
+                         sum_rounding(torch.cat([x.double() ** 2 / 2, const], 1), eps)))
     with pytest.raises(ValueError, match="z must have shape"):
         flow.base.log_prob(torch.zeros(2, 5))
 
@@ -222,6 +241,9 @@ def test_bits_per_dim_through_the_fused_nll(backend):
         bpd = flow.bits_per_dim(x)
         torch.manual_seed(2)
         y, ld = dequantize_logit(x, alpha=0.01)
-    expected = gaussian_nll_ref(y.double(), ld.double()) / (6 * math.log(2))
     assert bpd.shape == (4,) and bpd.dtype == torch.float32
-    torch.testing.assert_close(bpd.double(), expected, rtol=1e-6, atol=1e-6)
+    # vs the float64 nll of the same y and log-det, conditioned, plus the float32 sum's rounding
+    # of its terms y^2 / 2, the log-det and the constant (was rtol / atol 1e-6)
+    terms = torch.cat([y.double().flatten(1) ** 2 / 2, ld.double()[:, None].abs() + 6], 1)
+    check_against("bits per dim", lambda y, ld: gaussian_nll_ref(y, ld) / (6 * math.log(2)), (y, ld), (bpd,),
+                  torch.float32, extra=(sum_rounding(terms, EPS[torch.float32]) / (6 * math.log(2)),))
