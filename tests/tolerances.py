@@ -1077,3 +1077,30 @@ def check_flow_roundtrip(layer: torch.nn.Module, x: torch.Tensor, context=None):
     ld_err = (ld.detach().cpu().double() + ld_inv.detach().cpu().double()).abs()
     assert (ld_err <= ld_bound).all(), f"log-dets do not cancel: {ld_err.max():.3g} vs bound {ld_bound.min():.3g}"
     return y, ld
+
+
+def flow_logprob_rounding(layer: torch.nn.Module, x: torch.Tensor, eps: float, context=None) -> torch.Tensor:
+    """Per row, what summing a flow's log_prob = -sum z^2 / 2 - D log(2 pi) / 2 + logdet rounds to
+    in a dtype of unit roundoff eps, in any order: tolerances.sum_rounding of the terms z^2 / 2,
+    the constant and the log-det, plus every elementary layer's own log-det sum, 16 eps (its
+    terms' count + |its log-det|) (check_finite_and_agree's row rule). Input perturbations need
+    not show it: where the terms cancel, no sign pattern of theirs does. Taken from the float64
+    flow (x and the layer as given)."""
+    m = copy.deepcopy(layer).cpu().double()
+    x64 = x.detach().cpu().double()
+    ctx = None if context is None else context.detach().cpu().double()
+    increments = []
+    hooks = [leaf.register_forward_hook(lambda mod, args, out: increments.append(
+        (out[1] - (args[2] if len(args) > 2 and args[2] is not None else 0), out[0][0].numel()))
+        if isinstance(out, tuple) else None) for leaf in _leaf_flow_layers(m)]
+    try:
+        with torch.no_grad(), flowkern.backend("reference"):
+            z, ld = m(x64, ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    z = z.flatten(1)
+    const = torch.full_like(ld, 0.5 * z.shape[1] * math.log(2 * math.pi))
+    terms = torch.cat([z ** 2 / 2, const[:, None], ld[:, None]], 1)
+    layers = sum((16 * eps * (n + d.abs()) for d, n in increments), torch.zeros_like(ld))
+    return sum_rounding(terms, eps) + layers
