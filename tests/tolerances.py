@@ -1104,3 +1104,91 @@ def flow_logprob_rounding(layer: torch.nn.Module, x: torch.Tensor, eps: float, c
     terms = torch.cat([z ** 2 / 2, const[:, None], ld[:, None]], 1)
     layers = sum((16 * eps * (n + d.abs()) for d, n in increments), torch.zeros_like(ld))
     return sum_rounding(terms, eps) + layers
+
+
+def check_actnorm_init(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """An ActNorm initialised from the batch x (its output y on it) against float64 statistics:
+    shift = -mean, log_scale = -log(sd + eps) through check_against plus the statistics' sums'
+    rounding (stats_extra: 16 eps mean|x| for the mean, 32 eps mean|x (x - mean)| for the
+    variance, the latter through d/dvar = 1 / (2 sd (sd + eps))); y's channel means vanish within
+    each y = (x + shift) e^s's rounding, a few eps (|x| + |shift|) e^s, and the mean of n of them
+    within sum_rounding / n of |y|; y's channel std is sd / (sd + eps) (float64) within the RMS
+    of y's elementwise error: that rounding plus what the layer's parameters' (checked) errors
+    move it (std is 1-Lipschitz in the RMS norm)."""
+    eps = EPS[torch.float32]
+    dims = (0,) + tuple(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+
+    def init(v):
+        var, mean = torch.var_mean(v, dim=dims, correction=0)
+        return -mean, -torch.log(var.sqrt() + layer.eps)
+
+    xd = x.detach().double().cpu()
+    stats = stats_extra(make_case("batch_stats", dict(x=xd)), eps, None)
+    var64, mean64 = torch.var_mean(xd, dim=dims, correction=0)
+    sd = var64.sqrt()
+    check_against("actnorm init", init, (x.cpu(),), (layer.shift, layer.log_scale), torch.float32,
+                  extra=(stats["out:0"], stats["out:1"] / (2 * sd * (sd + layer.eps))), names=("shift", "log_scale"))
+    shift = layer.shift.detach().double().cpu().view(view)
+    s = layer.log_scale.detach().double().cpu().view(view)
+    yd = y.detach().double().cpu()
+    n = yd.numel() // yd.shape[1]
+    rounding = 16 * eps * (xd.abs() + shift.abs()) * s.exp()
+    sums = sum_rounding(yd.transpose(0, 1).reshape(yd.shape[1], -1), eps) / n
+    assert (yd.mean(dims).abs() <= rounding.mean(dims) + sums).all(), "actnorm init: channel means do not vanish"
+    # y vs the float64 normalised batch (x - mean) / (sd + eps): rounding, plus the parameters' errors
+    s64 = -torch.log(sd + layer.eps).view(view)
+    err = (rounding + s.exp() * (shift + mean64.view(view)).abs()
+           + (xd - mean64.view(view)).abs() * (s.exp() - s64.exp()).abs())
+    rms = err.pow(2).mean(dims).sqrt()
+    want = sd / (sd + layer.eps)
+    got = yd.std(dims, unbiased=False)
+    assert ((got - want).abs() <= rms + 16 * eps * want).all(), \
+        f"actnorm init: channel std {got.tolist()} vs {want.tolist()}, bound {rms.tolist()}"
+
+
+def batchnorm_train_error(layer: torch.nn.Module, x: torch.Tensor):
+    """(err, |y - beta|) elementwise for a BatchNormFlow in training mode on x (float64 values):
+    what no input perturbation shows of y's error, the statistics' sums' rounding (stats_extra)
+    moved through the map, and x - mean rounding to eps (|x| + |mean|) apart from the
+    statistics: kappa = max (|x| + |mean|) / sqrt(var + eps) per channel relative to the
+    normalised values (channel_extra's training terms)."""
+    eps = EPS[torch.float32]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    xd = x.detach().double().cpu()
+    dims = (0,) + tuple(range(2, x.dim()))
+    var, mean = torch.var_mean(xd, dim=dims, correction=0)
+    stats = stats_extra(make_case("batch_stats", dict(x=xd)), eps, None)
+    m = (layer.log_gamma.detach().double().cpu().exp() / torch.sqrt(var + layer.eps)).view(view)
+    y0 = ((xd - mean.view(view)) * m).abs()
+    kappa = ((xd.abs() + mean.abs().view(view)).amax(dim=dims) / torch.sqrt(var + layer.eps)).view(view)
+    err = (m * stats["out:0"].view(view) + y0 * (stats["out:1"] / (2 * (var + layer.eps))).view(view)
+           + 16 * eps * kappa * channel_max(y0))
+    return err, y0
+
+
+def check_batchnorm_against_torch(name: str, layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y = BatchNormFlow(x) (training: the batch's statistics, before its running-statistics
+    update; eval: the running ones) vs the float64 F.batch_norm (torch's BatchNorm, the same
+    map with weight exp(log_gamma)) through check_against, x and the layer's parameters and
+    running statistics perturbed by 8 ulps. Training mode besides: the statistics' sums'
+    rounding (stats_extra) moved through the map, and x - mean rounding to eps (|x| + |mean|)
+    apart from the statistics, kappa = max (|x| + |mean|) / sqrt(var + eps) per channel
+    relative to the normalised values (channel_extra's training terms): no input perturbation
+    shows either."""
+    import torch.nn.functional as F
+    eps = EPS[torch.float32]
+    lg, beta = layer.log_gamma.detach().cpu(), layer.beta.detach().cpu()
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    if layer.training:
+        def fn(v, lg, b):
+            return F.batch_norm(v, None, None, lg.exp(), b, training=True, eps=layer.eps)
+
+        extra = (batchnorm_train_error(layer, x)[0],)
+        check_against(name, fn, (x.cpu(), lg, beta), (y,), torch.float32, extra=extra)
+    else:
+        def fn(v, rm, rv, lg, b):
+            return F.batch_norm(v, rm, rv, lg.exp(), b, training=False, eps=layer.eps)
+
+        check_against(name, fn, (x.cpu(), layer.running_mean.cpu(), layer.running_var.cpu(), lg, beta), (y,),
+                      torch.float32)
