@@ -14,7 +14,7 @@ from flowkern.nn.flow import Flow, StandardNormal
 from flowkern.nn.linear import Invertible1x1Conv, LinearLU, Permutation
 from flowkern.nn.reshape import Split, Squeeze, Unsqueeze
 
-from tolerances import EPS
+from tolerances import EPS, sum_rounding
 from layer_checks import (check_batch_sizes, check_gradcheck, check_logdet_jacobian, check_round_trip,
                           check_running_logdet, perturb_, standard_normal_logpdf)
 
@@ -92,9 +92,20 @@ def test_lu_init_is_orthogonal_and_seeded():
     torch.manual_seed(3)
     b = Invertible1x1Conv(6)
     w = a.weight
-    torch.testing.assert_close(w @ w.T, torch.eye(6), rtol=0, atol=1e-5)
+    # W = L U of a float64 orthogonal matrix's LU factors rounded to float32: W's entries within
+    # (n + 4) eps (|L| |U|) (the factors' rounding, exp(log_s), the float32 product), so
+    # W W^T = I within twice that times |W|^T plus the product's own n eps |W| |W|^T (was atol 1e-5).
+    eps, n = EPS[torch.float32], 6
+    lower, upper = (f.detach().double().abs() for f in a._factors())
+    lu = (lower @ upper).index_select(0, a.permutation)
+    wa = w.detach().double().abs()
+    bound = (n + 4) * eps * (lu @ wa.T + wa @ lu.T) + n * eps * wa @ wa.T
+    assert ((w @ w.T).double() - torch.eye(6, dtype=torch.float64)).abs().le(bound).all()
     _, ld = a(torch.randn(4, 6))
-    torch.testing.assert_close(ld, torch.zeros(4), rtol=0, atol=1e-5)
+    # log|det| of the orthogonal matrix is 0: each stored log_s is log|s| rounded (eps |log_s|),
+    # and their float32 sum rounds (tolerances.sum_rounding) (was atol 1e-5).
+    log_s = a.log_s.detach().double()
+    assert (ld.double().abs() <= sum_rounding(log_s[None], eps) + 2 * eps * log_s.abs().sum()).all()
     torch.testing.assert_close(b.weight, w, rtol=0, atol=0)  # torch.manual_seed controls the init
     assert not torch.allclose(LinearLU(6).weight, w)
 
@@ -122,7 +133,10 @@ def test_lu_dtypes_and_non_contiguous_input():
     y, ld = layer(x)
     y_bf, ld_bf = layer(x.bfloat16())
     assert y_bf.dtype == torch.bfloat16 and ld_bf.dtype == torch.float32
-    torch.testing.assert_close(y_bf.float(), y, rtol=2e-2, atol=2e-2)
+    # x rounds to bfloat16 (relative 2^-8), the float32 matmul of it, the result rounds once more:
+    # within 2^-8 (|W| |x| + |y|), twice for the float32 products besides (was rtol / atol 2e-2).
+    wx = torch.einsum("oc,bc...->bo...", layer.weight.detach().abs(), x.abs())
+    assert ((y_bf.float() - y).abs() <= 2 * EPS[torch.bfloat16] * (wx + y.abs())).all()
     y64, ld64 = layer(x.double())  # float32 parameters, float64 input: float64 out
     assert y64.dtype == torch.float64 and ld64.dtype == torch.float64
     xt = torch.randn(2, 4, 4, 3).permute(0, 3, 1, 2)  # channels-last strides
