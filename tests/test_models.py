@@ -1,6 +1,7 @@
 """Ready-made models: RealNVP variants, Glow, and bits/dim on 8-bit data."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import flowkern
 from flowkern.models import Glow, RealNVP
 from flowkern.nn import AdditiveCoupling, Dequantize, Flow, Logit, StandardNormal
 
-from tolerances import check_flow_roundtrip
+from tolerances import EPS, check_against, check_flow_roundtrip, layer_fn, sum_rounding
 from layer_checks import check_logdet_jacobian, perturb_, standard_normal_logpdf
 
 
@@ -94,14 +95,28 @@ def test_bits_per_dim_matches_a_hand_computation():
     bpd = flow.bits_per_dim(x)
     torch.manual_seed(123)  # the same noise, by hand
     u = torch.rand(2, 4)
-    v = ((x.double() + u.double()) / 256)
-    vv = alpha + (1 - 2 * alpha) * v
-    y = torch.log(vv) - torch.log1p(-vv)
-    z, _ = coupling(y.float())  # volume preserving: log-det 0
-    log_det = (-math.log(256) + math.log(1 - 2 * alpha) - torch.log(vv) - torch.log1p(-vv)).sum(1)
-    log_p = -0.5 * (z.double() ** 2).sum(1) - 2 * math.log(2 * math.pi) + log_det
-    expected = -log_p / (4 * math.log(2))
-    torch.testing.assert_close(bpd.double(), expected, rtol=1e-5, atol=1e-5)
+
+    def by_hand(c, u):  # in u's dtype: float32, the reference's own error, and float64, the exact value
+        v = (x.to(u.dtype) + u) / 256
+        vv = alpha + (1 - 2 * alpha) * v
+        y = torch.log(vv) - torch.log1p(-vv)
+        z, _ = c(y)  # volume preserving: log-det 0
+        log_det = (-math.log(256) + math.log(1 - 2 * alpha) - torch.log(vv) - torch.log1p(-vv)).sum(1)
+        log_p = -0.5 * (z ** 2).sum(1) - 2 * math.log(2 * math.pi) + log_det
+        return (-log_p / (4 * math.log(2)),)
+
+    # vs the float64 hand computation on the same noise, conditioned (tolerances.check_against:
+    # u and the coupling's weights perturbed by 8 ulps), plus the float32 sums' rounding of
+    # their terms z^2 / 2, the constants and the logit's log terms (was rtol / atol 1e-5)
+    fn, params = layer_fn(coupling, by_hand)
+    with torch.no_grad():
+        v = (x.double() + u.double()) / 256
+        vv = alpha + (1 - 2 * alpha) * v
+        z, _ = copy.deepcopy(coupling).double()(torch.log(vv) - torch.log1p(-vv))
+        logs = torch.log(vv).abs() + torch.log1p(-vv).abs() + math.log(256) + 1
+        terms = torch.cat([z ** 2 / 2, logs, torch.full((2, 1), 2 * math.log(2 * math.pi))], 1)
+    check_against("bits per dim", fn, (u, *params), (bpd,), torch.float32,
+                  extra=(sum_rounding(terms, EPS[torch.float32]) / (4 * math.log(2)),))
 
 
 def test_bits_per_dim_errors_and_model_option():
