@@ -15,7 +15,7 @@ from flowkern.reference import (counter_uniform, dequantize_logit_inverse_ref, d
 from flowkern.reference.dequantize import draw_seed
 
 from conftest import kernel_backends
-from tolerances import EPS, check_against, check_agree, check_op_roundtrip, sum_rounding
+from tolerances import EPS, check_against, check_agree, check_op_roundtrip, shift_moves, sum_rounding
 
 LOG256 = math.log(256)
 ALL_PIXELS = torch.arange(256, dtype=torch.uint8)
@@ -367,13 +367,18 @@ def test_logdet_is_optional_and_gradients_of_one_output(backend, device):
         y, ld = dequantize_logit(x, noise)
         (g_ld,) = torch.autograd.grad(ld.sum(), noise)
         y_inf, ld_inf = dequantize_logit(x, noise.detach())  # no grad: no autograd node
-    ref_noise = noise.detach().double().requires_grad_()
-    y_r, ld_r = dequantize_logit_ref(x, ref_noise, dtype=torch.float64)
-    (r_y,) = torch.autograd.grad(y_r.sum(), ref_noise)
-    y_r, ld_r = dequantize_logit_ref(x, ref_noise, dtype=torch.float64)
-    (r_ld,) = torch.autograd.grad(ld_r.sum(), ref_noise)
-    torch.testing.assert_close(g_y.double(), r_y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_ld.double(), r_ld, rtol=1e-5, atol=1e-6)
+    # vs the float64 reference's gradients, conditioned (tolerances.check_against; was rtol 1e-5 / atol 1e-6)
+    def ref_grads(u):
+        u = u.detach().requires_grad_()
+        with torch.enable_grad():
+            (r_y,) = torch.autograd.grad(dequantize_logit_ref(x.cpu(), u, dtype=u.dtype)[0].sum(), u)
+            (r_ld,) = torch.autograd.grad(dequantize_logit_ref(x.cpu(), u, dtype=u.dtype)[1].sum(), u)
+        return r_y, r_ld
+
+    # u enters through x + u, which rounds at eps (x + u): those moves besides (tolerances.shift_moves)
+    shifted = shift_moves(ref_grads, (noise,), (8 * EPS[torch.float32] * (x.double().cpu() + noise.detach().double().cpu()),))
+    check_against("noise gradients", ref_grads, (noise.detach().cpu(),), (g_y, g_ld), torch.float32, names=("y", "ld"),
+                  extra=shifted)
     assert y_inf.grad_fn is None and ld_inf.grad_fn is None
 
 
@@ -386,10 +391,14 @@ def test_noise_jacobian_and_vmap(backend, device):
     with flowkern.backend(backend):
         jac_y, jac_ld = torch.func.jacrev(f)(noise)
         ys = torch.func.vmap(lambda u: f(u)[0])(noise.expand(3, 1, 6))
-    with flowkern.backend("reference"):
-        ref_y, ref_ld = torch.func.jacrev(f)(noise)
-    torch.testing.assert_close(jac_y, ref_y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(jac_ld, ref_ld, rtol=1e-5, atol=1e-6)
+    # vs the float64 reference's Jacobians, conditioned (tolerances.check_against; was rtol 1e-5 / atol 1e-6)
+    def ref_jac(u):
+        with flowkern.backend("reference"):
+            return torch.func.jacrev(lambda v: dequantize_logit(x.cpu(), v, alpha=0.01, dtype=u.dtype))(u)
+
+    shifted = shift_moves(ref_jac, (noise,), (8 * EPS[torch.float32] * (x.double().cpu() + noise.double().cpu()),))
+    check_against("noise jacobian", ref_jac, (noise.cpu(),), (jac_y, jac_ld), torch.float32, names=("y", "ld"),
+                  extra=shifted)  # plus x + u's rounding, as above
     torch.testing.assert_close(ys[2], f(noise)[0])
 
 
@@ -521,4 +530,19 @@ def test_compile_fullgraph_log_prob(backend):
         y, ld = dequantize_logit(x, noise, alpha=1e-3)
         expected = flow.base.log_prob(y) + ld
     assert got.shape == (4,) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    del expected  # the float32 reference is the yardstick check_against runs itself
+
+    def log_prob(u):  # on the same noise, in its dtype
+        y, ld = dequantize_logit_ref(x, u, alpha=1e-3, dtype=u.dtype)
+        return -0.5 * (y ** 2).sum((1, 2)) - 3 * math.log(2 * math.pi) + ld
+
+    # vs the float64 log-prob on the same noise, conditioned, plus the float32 sums' rounding
+    # of the terms y^2 / 2, the constant and the log-det's logs (was rtol 1e-5 / atol 1e-4 vs
+    # the eager float32 ops)
+    y64, ld64 = dequantize_logit_ref(x, noise.double(), alpha=1e-3, dtype=torch.float64)
+    v = torch.sigmoid(y64).flatten(1)
+    terms = torch.cat([(y64 ** 2 / 2).flatten(1), v.log().abs() + (-v).log1p().abs() + math.log(256) + 1,
+                       torch.full((4, 1), 3 * math.log(2 * math.pi))], 1)
+    shifted = shift_moves(log_prob, (noise,), (8 * EPS[torch.float32] * (x.double() + noise.double()),))  # x + u's rounding
+    check_against("compiled log_prob", log_prob, (noise,), (got,), torch.float32,
+                  extra=(sum_rounding(terms, EPS[torch.float32]) + shifted[0],))

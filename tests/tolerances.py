@@ -1192,3 +1192,26 @@ def check_batchnorm_against_torch(name: str, layer: torch.nn.Module, x: torch.Te
 
         check_against(name, fn, (x.cpu(), layer.running_mean.cpu(), layer.running_var.cpu(), lg, beta), (y,),
                       torch.float32)
+
+
+def shift_moves(fn: Callable, inputs: Sequence, shifts: Sequence) -> list:
+    """Per output of fn, elementwise: how far moving each input by +-shifts[i] (absolute; None:
+    not moved) moves the float64 fn(*inputs), the larger way, summed over the inputs: for an
+    input whose rounding acts at a scale of its own (the noise u enters through x + u, which
+    rounds at eps (x + u), not eps u), the move check_against's relative perturbations miss."""
+    inputs64 = [a.detach().cpu().double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in inputs]
+    exact = [o.detach().cpu().double() for o in _as_tuple(fn(*inputs64))]
+    total = [torch.zeros_like(o) for o in exact]
+    for j, d in enumerate(shifts):
+        if d is None:
+            continue
+        for s in (1.0, -1.0):
+            moved = list(inputs64)
+            moved[j] = inputs64[j] + s * torch.as_tensor(d, dtype=torch.float64)
+            outs = [o.detach().cpu().double() for o in _as_tuple(fn(*moved))]
+            if s == 1.0:
+                up = [(o - e).abs() for o, e in zip(outs, exact)]
+            else:
+                total = [t + torch.maximum(a, (o - e).abs()) for t, a, o, e in zip(total, up, outs, exact)]
+    return total
