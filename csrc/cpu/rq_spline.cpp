@@ -14,27 +14,6 @@
 namespace flowkern {
 namespace math {
 
-// The product materialized before any add sees it: GCC contracts a * b + c into an fma under
-// -mfma (-ffp-contract=fast is its default, even with -std=c++20). An empty asm that claims to
-// change the register hides the product (no instruction, no spill).
-#if defined(CPU_CAPABILITY_AVX512)
-inline __m512 fk_opaque(__m512 r) { __asm__("" : "+v"(r)); return r; }
-inline __m512d fk_opaque(__m512d r) { __asm__("" : "+v"(r)); return r; }
-#elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 fk_opaque(__m256 r) { __asm__("" : "+x"(r)); return r; }
-inline __m256d fk_opaque(__m256d r) { __asm__("" : "+x"(r)); return r; }
-#endif
-template <typename T>
-inline at::vec::Vectorized<T> fk_mul_rn(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
-  at::vec::Vectorized<T> p = a * b;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return at::vec::Vectorized<T>(fk_opaque(p));
-#else
-  __asm__("" : "+m"(p));
-  return p;
-#endif
-}
-
 std::true_type rq_exact_cumsum(const at::vec::Vectorized<float>&);
 std::false_type rq_exact_cumsum(const at::vec::Vectorized<double>&);
 

@@ -37,6 +37,27 @@ inline at::vec::Vectorized<T> fk_where(const at::vec::Vectorized<T>& mask, const
                                        const at::vec::Vectorized<T>& b) {
   return at::vec::Vectorized<T>::blendv(b, a, mask);
 }
+// The product materialized before any add sees it: GCC contracts a * b + c into an fma under
+// -mfma (-ffp-contract=fast is its default, even with -std=c++20). An empty asm that claims to
+// change the register hides the product (no instruction, no spill).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 fk_opaque(__m512 r) { __asm__("" : "+v"(r)); return r; }
+inline __m512d fk_opaque(__m512d r) { __asm__("" : "+v"(r)); return r; }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 fk_opaque(__m256 r) { __asm__("" : "+x"(r)); return r; }
+inline __m256d fk_opaque(__m256d r) { __asm__("" : "+x"(r)); return r; }
+#endif
+template <typename T>
+inline at::vec::Vectorized<T> fk_mul_rn(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  at::vec::Vectorized<T> p = a * b;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::Vectorized<T>(fk_opaque(p));
+#else
+  __asm__("" : "+m"(p));
+  return p;
+#endif
+}
+
 // float exp and log inline on AVX2: Sleef's expf_u10 and logf_u10 (what Vectorized<float>::exp()
 // and log() call there) operation for operation, so the same bits (every float checked:
 // tests/test_vec_math.py), without the call: around an out-of-line call the compiler spills
@@ -51,11 +72,7 @@ inline __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
 inline __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 // a * b rounded on its own (GCC would contract it with a following add into an fma, which
 // Sleef, compiled with -ffp-contract=off, does not): an empty asm hides the product.
-inline __m256 mul_rn(__m256 a, __m256 b) {
-  __m256 p = _mm256_mul_ps(a, b);
-  __asm__("" : "+x"(p));
-  return p;
-}
+inline __m256 mul_rn(__m256 a, __m256 b) { return fk_opaque(_mm256_mul_ps(a, b)); }
 inline __m256 pow2i(__m256i q) {  // 2^q for q in the normal exponent range
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(0x7f)), 23));
 }
