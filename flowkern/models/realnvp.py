@@ -31,6 +31,11 @@ class RealNVP(Flow):
             flow takes 8-bit pixels (integer tensors) and bits_per_dim works; "variational" starts
             with VariationalDequantize (Flow++'s learned noise; bits_per_dim is then its tighter
             bound); False or "none": the flow takes real-valued data.
+        conditioner: the couplings' conditioner networks: "mlp" (default) or "residual"
+            (flowkern.nn.ResidualNet), `hidden` wide, or a factory f(in_features, out_features)
+            -> nn.Module called once per coupling (see flowkern.nn.nets).
+        embedding: a module the context goes through first (Flow's embedding); `context` is
+            then its output width.
         memory_saving: backprop without keeping activations, rebuilding them with the layers'
             exact inverses; an int k also keeps every k-th layer's input, bounding the rebuilt
             inputs' rounding drift (see Flow and flowkern.nn.memory).
@@ -39,7 +44,10 @@ class RealNVP(Flow):
     def __init__(self, features: int = 784, layers: int = 8, hidden: int = 512, coupling: str = "affine",
                  *, norm: Optional[str] = None, scale: str = "sigmoid", context: int = 0,
                  dequantize: Union[bool, str] = False, alpha: float = 1e-6, bins: int = 8, bound: float = 3.0,
-                 memory_saving: Union[bool, int] = False):
+                 memory_saving: Union[bool, int] = False, conditioner="mlp", embedding=None):
+        if isinstance(conditioner, torch.nn.Module):
+            raise TypeError("conditioner: a model builds one network per coupling; pass 'mlp', 'residual' or a "
+                            "factory f(in_features, out_features) -> nn.Module, not a module")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if norm not in NORMS:
@@ -58,14 +66,15 @@ class RealNVP(Flow):
             if norm is not None:
                 blocks.append(norm_layer(norm, features))
             mask = odd_half if i % 2 == 0 else ~odd_half
+            net = {"context": context, "conditioner": conditioner}
             if coupling == "affine":
-                blocks.append(AffineCoupling(features, hidden, mask=mask, scale=scale, context=context))
+                blocks.append(AffineCoupling(features, hidden, mask=mask, scale=scale, **net))
             elif coupling == "spline":
-                blocks.append(SplineCoupling(features, hidden, bins=bins, bound=bound, mask=mask, context=context))
+                blocks.append(SplineCoupling(features, hidden, bins=bins, bound=bound, mask=mask, **net))
             else:
-                blocks.append(AdditiveCoupling(features, hidden, mask=mask, context=context))
+                blocks.append(AdditiveCoupling(features, hidden, mask=mask, **net))
         blocks.append(Permutation(features, to_halves.inverse_permutation))
-        super().__init__(blocks, StandardNormal(features), memory_saving=memory_saving)
+        super().__init__(blocks, StandardNormal(features), memory_saving=memory_saving, embedding=embedding)
         self.features = features
 
     @property

@@ -1,6 +1,7 @@
 """Coupling layers: a mask splits the features into a kept part, passed through unchanged,
 and a transformed part, whose per-element transform is predicted from the kept part (and an
-optional context) by an MLP conditioner."""
+optional context) by a conditioner network: flowkern's MLP (ConvNet for images) or
+ResidualNet, or any module of your own (flowkern.nn.nets says what it must be)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -13,6 +14,7 @@ from ..reference.affine_coupling import SCALES, identity_scale_raw
 from ..ops import _checks
 from ..ops._autograd import eager_autograd
 from .flow import FlowLayer
+from .nets import MLP, ConvNet, build_conditioner, output_layer  # noqa: F401 (MLP, ConvNet: re-exported)
 
 
 class _SplitColumns(torch.autograd.Function):
@@ -93,34 +95,6 @@ def _mask_layout(mask: torch.Tensor):
     return "general", True
 
 
-class MLP(nn.Sequential):
-    """in -> hidden -> hidden -> out with ReLU; the last layer starts at zero (couplings set
-    its bias so that they start as the identity)."""
-
-    def __init__(self, in_features: int, hidden: int, out_features: int):
-        super().__init__(
-            nn.Linear(in_features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-            nn.Linear(hidden, out_features),
-        )
-        nn.init.zeros_(self[-1].weight)
-        nn.init.zeros_(self[-1].bias)
-
-
-class ConvNet(nn.Sequential):
-    """Glow's conditioner for images: 3x3 conv -> ReLU -> 1x1 conv -> ReLU -> 3x3 conv, the last
-    one zero (couplings set its bias so that they start as the identity)."""
-
-    def __init__(self, in_channels: int, hidden: int, out_channels: int):
-        super().__init__(
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
-            nn.Conv2d(hidden, out_channels, 3, padding=1),
-        )
-        nn.init.zeros_(self[-1].weight)
-        nn.init.zeros_(self[-1].bias)
-
-
 class _Coupling(FlowLayer):
     """What every coupling shares: the mask over dim 1 (features of (B, F), or channels of
     (B, C, H, W) for the conv couplings), the conditioner on the kept part and the context,
@@ -129,7 +103,7 @@ class _Coupling(FlowLayer):
     IMAGES = False  # (B, C, H, W) input and a ConvNet conditioner, instead of (B, F) and an MLP
 
     def __init__(self, features: int, hidden: int, params_per_feature: int,
-                 mask: Union[str, torch.Tensor], flip: bool, context: int):
+                 mask: Union[str, torch.Tensor], flip: bool, context: int, conditioner="mlp"):
         super().__init__()
         what = "channels" if self.IMAGES else "features"
         if not isinstance(features, int) or features < 2:
@@ -149,8 +123,43 @@ class _Coupling(FlowLayer):
         self.register_buffer("merge_idx", torch.argsort(torch.cat([kept, moved])), persistent=False)
         self._layout = _mask_layout(m)
         self.params_per_feature = params_per_feature
-        net = ConvNet if self.IMAGES else MLP
-        self.conditioner = net(len(kept) + context, hidden, params_per_feature * len(moved))
+        self.conditioner = build_conditioner(conditioner, len(kept), params_per_feature * len(moved),
+                                             context=context, hidden=hidden, images=self.IMAGES)
+        self.starts_as_identity = False
+
+    def _init_identity(self, output: torch.Tensor, enabled: bool = True) -> None:
+        """Makes the conditioner's output the constant `output` (the layer's identity values, shape
+        (out_features,)) at init: zero weight and bias = output on its output layer
+        (nets.output_layer). Checked on random inputs; where the network's output is not that
+        layer's (an activation after it, say) its weights are put back and starts_as_identity
+        stays False. enabled=False (identity_init=False) keeps the network's own init."""
+        layer = output_layer(self.conditioner, output.numel()) if enabled else None
+        if layer is None or (layer.bias is None and bool(torch.any(output != 0))):
+            return
+        saved = [(t, t.detach().clone()) for t in (layer.weight, layer.bias) if t is not None]
+        with torch.no_grad():
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.copy_(output.to(layer.bias.dtype).reshape(layer.bias.shape))
+            p = layer.weight
+            spatial = (4, 4) if self.IMAGES else ()
+            gen = torch.Generator(p.device).manual_seed(0)  # the global stream stays as it was
+            kept = torch.randn(3, len(self.kept_idx), *spatial, device=p.device, dtype=p.dtype, generator=gen)
+            args = (kept, torch.randn(3, self.context_features, device=p.device, dtype=p.dtype, generator=gen)) \
+                if self.context_features else (kept,)
+            modes = [(m, m.training) for m in self.conditioner.modules()]
+            self.conditioner.eval()
+            try:
+                got = self.conditioner(*args)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+            want = output.to(got.dtype).view(1, -1, *([1] * len(spatial))).expand(3, -1, *spatial)
+            if got.shape == want.shape and torch.equal(got, want):
+                self.starts_as_identity = True
+            else:
+                for t, value in saved:
+                    t.copy_(value)
 
     def _split(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         """(kept, moved, params): params is the conditioner's output viewed as
@@ -165,21 +174,25 @@ class _Coupling(FlowLayer):
         return kept, moved, self._condition(kept, context, x.dtype)
 
     def _condition(self, kept: torch.Tensor, context: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The conditioner's output on the kept part (and the context), in `dtype`."""
-        h = kept
+        """The conditioner's output on the kept part (and the context), in `dtype`: net(kept) or,
+        for a conditional layer, net(kept, context)."""
         if self.context_features:
             if context is None:
                 raise ValueError(f"this layer is conditional: pass context of shape (batch, {self.context_features})")
             if not isinstance(context, torch.Tensor) or context.shape != (kept.shape[0], self.context_features):
                 got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
                 raise ValueError(f"context must have shape ({kept.shape[0]}, {self.context_features}), got {got}")
-            c = context.to(kept.dtype)
-            if self.IMAGES:  # a per-sample vector, broadcast over the image as extra channels
-                c = c[:, :, None, None].expand(-1, -1, *kept.shape[2:])
-            h = torch.cat([kept, c], dim=1)
+            out = self.conditioner(kept, context.to(kept.dtype))
+        else:
+            out = self.conditioner(kept)
+        width = self.params_per_feature * len(self.moved_idx)
+        if not isinstance(out, torch.Tensor) or out.shape != (kept.shape[0], width, *kept.shape[2:]):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"conditioner: its output must have shape {(kept.shape[0], width, *kept.shape[2:])}, "
+                             f"got {got}")
         # Under autocast the conditioner computes in half precision; the transform runs in the
         # input's dtype (a no-op cast otherwise).
-        return self.conditioner(h).to(dtype)
+        return out.to(dtype)
 
     def fused_backward_from_output(self, y: torch.Tensor, grad_y: Optional[torch.Tensor],
                                    grad_logdet: Optional[torch.Tensor], context: Optional[torch.Tensor],
@@ -262,17 +275,26 @@ class AffineCoupling(_Coupling):
         scale: "sigmoid" (nflows/Glow, bounded), "exp" or "tanh" (soft-clamped exp).
         clamp: the soft clamp of scale="tanh".
         context: width of a conditioning vector (0 for an unconditional layer).
+        conditioner: "mlp" (default; ConvNet for the conv form) or "residual" (ResidualNet), both
+            `hidden` wide, or your own network: an nn.Module, or a factory
+            f(in_features, out_features) -> nn.Module (nflows' convention). It is called as
+            net(kept) or, with context, net(kept, context), and returns (B, 2 * transformed):
+            the shifts, then the raw scales (see flowkern.nn.nets).
+        identity_init: start as the identity by zeroing the conditioner's output layer and setting
+            its bias (starts_as_identity says whether that worked); False keeps your init.
     """
 
     def __init__(self, features: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "alternate",
-                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0):
+                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0,
+                 conditioner="mlp", identity_init: bool = True):
         _checks.choice("scale", scale, SCALES)
-        super().__init__(features, hidden, 2, mask, flip, context)
+        super().__init__(features, hidden, 2, mask, flip, context, conditioner)
         self.scale, self.clamp = scale, _checks.positive("clamp", clamp)
         # Conditioner outputs are [shift | raw scale]; with zero weights, start the raw scale
         # where m = 1, so a new layer is exactly the identity for every scale function.
-        with torch.no_grad():
-            self.conditioner[-1].bias.view(2, -1)[1].fill_(identity_scale_raw(scale))
+        identity = torch.zeros(2, len(self.moved_idx))
+        identity[1] = identity_scale_raw(scale)
+        self._init_identity(identity.flatten(), _checks.flag("identity_init", identity_init))
 
     def _transform(self, x, context, logdet, inverse):
         kind, kept_first = self._layout
@@ -321,17 +343,20 @@ class ConvAffineCoupling(AffineCoupling):
     IMAGES = True
 
     def __init__(self, channels: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "half",
-                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0):
-        super().__init__(channels, hidden, mask, scale, context, flip=flip, clamp=clamp)
+                 scale: str = "sigmoid", context: int = 0, *, flip: bool = False, clamp: float = 2.0,
+                 conditioner="mlp", identity_init: bool = True):
+        super().__init__(channels, hidden, mask, scale, context, flip=flip, clamp=clamp, conditioner=conditioner,
+                         identity_init=identity_init)
 
 
 class AdditiveCoupling(_Coupling):
     """NICE additive coupling: y_moved = x_moved + t(x_kept), log-det 0 (volume preserving).
-    Arguments as AffineCoupling's (no scale)."""
+    Arguments as AffineCoupling's (no scale); the conditioner returns (B, transformed), the shifts."""
 
     def __init__(self, features: int, hidden: int = 512, mask: Union[str, torch.Tensor] = "alternate",
-                 context: int = 0, *, flip: bool = False):
-        super().__init__(features, hidden, 1, mask, flip, context)
+                 context: int = 0, *, flip: bool = False, conditioner="mlp", identity_init: bool = True):
+        super().__init__(features, hidden, 1, mask, flip, context, conditioner)
+        self._init_identity(torch.zeros(len(self.moved_idx)), _checks.flag("identity_init", identity_init))
 
     def _transform(self, x, context, logdet, inverse):
         kept, moved, params = self._split(x, context)

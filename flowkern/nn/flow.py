@@ -88,11 +88,18 @@ class Flow(nn.Module):
     accumulates over more than k layers (for inverses that amplify it, like steep splines).
     The attribute `memory_saving` can be switched at any time; it changes no parameter or
     state-dict key.
+
+    embedding: a module the context goes through once per call (forward, inverse, log_prob,
+    bits_per_dim, sample) before any layer sees it, trained with the flow (sbi's
+    embedding_net): the layers' `context` width is then the embedding's output width.
     """
 
     def __init__(self, layers: Iterable[nn.Module], base: Optional[nn.Module] = None, *,
-                 memory_saving: Union[bool, int] = False):
+                 memory_saving: Union[bool, int] = False, embedding: Optional[nn.Module] = None):
         super().__init__()
+        if embedding is not None and not isinstance(embedding, nn.Module):
+            raise TypeError(f"embedding must be an nn.Module (or None), got {type(embedding).__name__}")
+        self.embedding = embedding
         if not isinstance(memory_saving, bool) and (not isinstance(memory_saving, int) or memory_saving < 1):
             raise TypeError(f"memory_saving must be a bool or a positive int (keep every k-th layer's input), "
                             f"got {memory_saving!r}")
@@ -107,7 +114,16 @@ class Flow(nn.Module):
             base = StandardNormal(features)
         self.base = base
 
+    def embed(self, context: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The context as the layers see it: embedding(context), or the context itself."""
+        if context is None or self.embedding is None:
+            return context
+        return self.embedding(context)
+
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._forward(x, self.embed(context))
+
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.memory_saving:
             from .memory import memory_saving_forward
 
@@ -119,6 +135,9 @@ class Flow(nn.Module):
         return x, logdet
 
     def inverse(self, z: torch.Tensor, context: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self._inverse(z, self.embed(context))
+
+    def _inverse(self, z: torch.Tensor, context: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         logdet = None
         for layer in reversed(self.layers):
             z, logdet = layer.inverse(z, context, logdet)
@@ -168,10 +187,11 @@ class Flow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n samples; with context (n, C) (or (1, C), repeated), one sample per context row."""
         n = _count("n", n)
+        if context is not None and context.shape[0] not in (1, n):
+            raise ValueError(f"context must have n={n} rows (or 1), got {tuple(context.shape)}")
+        context = self.embed(context)  # once, before repeating a single row
         if context is not None and context.shape[0] == 1 and n != 1:
             context = context.expand(n, *context.shape[1:])
-        if context is not None and context.shape[0] != n:
-            raise ValueError(f"context must have n={n} rows (or 1), got {tuple(context.shape)}")
         z = self.base.sample(n, temperature)
-        x, _ = self.inverse(z, context)
+        x, _ = self._inverse(z, context)
         return x

@@ -385,43 +385,47 @@ def _has_conditioner(layer: nn.Module) -> bool:
 
 class _Capture(nn.Module):
     """Stands in for a coupling's conditioner during the (no-grad) inverse: runs it with grad on
-    a leaf copy of its input (when that input's gradient is wanted), keeps the input and the
-    output with its graph, and hands the inverse a detached output."""
+    leaf copies of its inputs (the kept part, and the context where the layer passes it; leaves
+    that require grad when their gradient is wanted), keeps the inputs and the output with its
+    graph, and hands the inverse a detached output."""
 
     def __init__(self, real: nn.Module, input_grad: bool):
         super().__init__()
         object.__setattr__(self, "real", real)  # not a submodule: no parameters of its own
         self.input_grad, self.calls, self.h, self.out = input_grad, 0, None, None
 
-    def forward(self, h, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         self.calls += 1
-        if args or kwargs or not isinstance(h, torch.Tensor):
-            self.calls += 1  # not the one-tensor call the reuse expects: fall back
-            return self.real(h, *args, **kwargs)
-        self.h = h.detach().requires_grad_(self.input_grad and h.is_floating_point())
+        if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+            self.calls += 1  # not the tensors-only call the reuse expects: fall back
+            return self.real(*args, **kwargs)
+        self.h = tuple(a.detach().requires_grad_(self.input_grad and a.is_floating_point()) for a in args)
         with torch.enable_grad():
-            self.out = self.real(self.h)
+            self.out = self.real(*self.h)
         return self.out.detach()
 
 
 class _Replay(nn.Module):
     """Stands in for a coupling's conditioner during the recompute: when called on the input
-    values the inverse saw, returns the output computed there, grafted onto this call's input
+    values the inverse saw, returns the output computed there, grafted onto this call's inputs
     (_Graft); else runs the real conditioner."""
 
-    def __init__(self, real: nn.Module, h: torch.Tensor, out: torch.Tensor, verify: bool):
+    def __init__(self, real: nn.Module, h: tuple, out: torch.Tensor, verify: bool):
         super().__init__()
         object.__setattr__(self, "real", real)
         self.h, self.out, self.used, self.verify = h, out, False, verify
 
-    def forward(self, h, *args, **kwargs):
-        if (not args and not kwargs and not self.used and isinstance(h, torch.Tensor)
-                and h.shape == self.h.shape and h.dtype == self.h.dtype
-                and (not self.verify or torch.equal(h, self.h))):
+    def _same(self, args) -> bool:
+        return (len(args) == len(self.h) and all(
+            isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and (not self.verify or torch.equal(a, b)) for a, b in zip(args, self.h)))
+
+    def forward(self, *args, **kwargs):
+        if not kwargs and not self.used and self._same(args):
             self.used = True
             params = [p for p in self.real.parameters() if p.requires_grad]
-            return _Graft.apply(h, _Held(self.h, self.out), *params)
-        return self.real(h, *args, **kwargs)
+            return _Graft.apply(len(args), _Held(self.h, self.out), *args, *params)
+        return self.real(*args, **kwargs)
 
 
 class _Held:
@@ -435,31 +439,33 @@ class _Held:
 
 
 class _Graft(torch.autograd.Function):
-    """out = conditioner(h) as already computed from a leaf copy of h (held.h, held.out), made a
-    function of this h and of the conditioner's parameters: the backward runs the conditioner's
-    own backward once and hands the gradients to h (so on to x and the context) and to the
-    parameters, in the same pass as the rest of the layer."""
+    """out = conditioner(*h) as already computed from leaf copies of h (held.h, held.out), made a
+    function of these inputs and of the conditioner's parameters: the backward runs the
+    conditioner's own backward once and hands the gradients to the inputs (so on to x and the
+    context) and to the parameters, in the same pass as the rest of the layer."""
 
     @staticmethod
-    def forward(ctx, h, held, *params):
+    def forward(ctx, n, held, *inputs_and_params):
         ctx.set_materialize_grads(False)
-        ctx.held, ctx.params = held, params  # leaves (the aliases): no reference cycle
+        ctx.n, ctx.held = n, held
+        ctx.params = inputs_and_params[n:]  # leaves (the aliases): no reference cycle
         return held.out.detach()
 
     @staticmethod
     @first_order_backward("memory-saving backprop")
     def backward(ctx, grad_out):
-        held, params = ctx.held, ctx.params
+        held, params, n = ctx.held, ctx.params, ctx.n
         ctx.held = None
+        none = (None,) * (2 + n + len(params))
         if grad_out is None:
-            return (None, None) + (None,) * len(params)
-        wants_h = held.h.requires_grad and ctx.needs_input_grad[0]
-        inputs = ([held.h] if wants_h else []) + list(params)
+            return none
+        wants = [h.requires_grad and ctx.needs_input_grad[2 + i] for i, h in enumerate(held.h)]
+        inputs = [h for h, w in zip(held.h, wants) if w] + list(params)
         if not inputs:
-            return (None, None) + (None,) * len(params)
-        got = torch.autograd.grad(held.out, inputs, grad_out, allow_unused=True)
-        grad_h = got[0] if wants_h else None
-        return (grad_h, None, *got[1 if wants_h else 0:])
+            return none
+        got = list(torch.autograd.grad(held.out, inputs, grad_out, allow_unused=True))
+        grads_h = [got.pop(0) if w else None for w in wants]
+        return (None, None, *grads_h, *got)
 
 
 def _unique_parameters(layers: Iterable[nn.Module]) -> List[torch.Tensor]:
