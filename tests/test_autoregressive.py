@@ -199,10 +199,11 @@ def test_memory_saving_and_compile_through_a_stack(kind):
         assert (got[name] - g).abs().max() <= 1e-4 * g.abs().max() + 4 * EPS[torch.float32] * overall, name
     assert (loss - loss_ref).abs() <= 1e-5 * loss_ref.abs()
     flow.memory_saving = False
+    torch._dynamo.reset()  # Flow.log_prob's code object is compiled for many flows in one process
     compiled = torch.compile(flow.log_prob, fullgraph=True)
     assert (compiled(x, c) - flow.log_prob(x, c)).abs().max() <= 1e-5 * (1 + flow.log_prob(x, c).abs().max())
     torch.manual_seed(5)
-    s = flow.sample(6, context=c[:1])
+    s = flow.sample(6, context=c[0])
     assert s.shape == (6, 4) and torch.isfinite(s).all()
 
 

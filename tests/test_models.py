@@ -81,7 +81,8 @@ def test_glow_conditional():
         glow(x, ctx)
     glow.eval()
     check_flow_roundtrip(glow, x, ctx)  # was rtol / atol 1e-4
-    assert glow.sample(4, context=ctx).shape == (4, 1, 4, 4)
+    assert glow.sample(2, context=ctx).shape == (2, 4, 1, 4, 4)
+    assert glow.sample(3, context=ctx[0]).shape == (3, 1, 4, 4)
 
 
 def test_bits_per_dim_matches_a_hand_computation():

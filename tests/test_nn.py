@@ -158,8 +158,8 @@ def test_conditional_flow_passes_context():
     lp = flow.log_prob(x, ctx)
     assert lp.shape == (4,) and not torch.allclose(lp, flow.log_prob(x, torch.randn(4, 3)))
     check_round_trip(flow, x, ctx)  # was rtol 1e-4 / atol 1e-5
-    assert flow.sample(4, context=ctx).shape == (4, 6)
-    assert flow.sample(2, context=ctx[:1]).shape == (2, 6)
+    assert flow.sample(3, context=ctx).shape == (3, 4, 6)  # n per context row: (n, M, D)
+    assert flow.sample(2, context=ctx[0]).shape == (2, 6)
     with pytest.raises(ValueError, match="pass context"):
         flow.log_prob(x)
 

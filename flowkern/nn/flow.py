@@ -147,13 +147,37 @@ class Flow(nn.Module):
         """Whether the base is StandardNormal's density (not a subclass that redefines it)."""
         return isinstance(self.base, StandardNormal) and type(self.base).log_prob is StandardNormal.log_prob
 
+    def _event_dims(self) -> Optional[int]:
+        shape = getattr(self.base, "shape", None)
+        return len(shape) if isinstance(shape, tuple) else None
+
     def log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """log p(x) per row, shape (B,), float32 (float64 for float64 input).
 
         = base.log_prob(z) + logdet; with a StandardNormal base, -gaussian_nll(z, logdet): one
         fused reduction over z instead of square, sum and two adds.
+
+        Batched contexts (the layout of sample): x of shape (n, M, *event) against context (M, C)
+        scores x[i, m] under context m and returns (n, M); a context of shape (C,) applies to
+        every row.
         """
-        z, logdet = self(x, context)
+        event = self._event_dims()
+        if (context is not None and isinstance(x, torch.Tensor) and event is not None
+                and x.dim() == event + 2 and context.dim() == 2):
+            n, m = x.shape[:2]
+            if context.shape[0] != m:
+                raise ValueError(f"context must have M={m} rows for x of shape (n, M, ...) = {tuple(x.shape)}, "
+                                 f"got {tuple(context.shape)}")
+            e = self.embed(context)  # once per context row
+            e = e.unsqueeze(0).expand(n, *e.shape).reshape(n * m, *e.shape[1:])
+            return self._log_prob(x.reshape(n * m, *x.shape[2:]), e).view(n, m)
+        if context is not None and context.dim() == 1 and isinstance(x, torch.Tensor):
+            e = self.embed(context[None])
+            return self._log_prob(x, e.expand(x.shape[0], *e.shape[1:]))
+        return self._log_prob(x, self.embed(context))
+
+    def _log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+        z, logdet = self._forward(x, context)
         if self._standard_normal_base():
             return -gaussian_nll(self.base._check_shape(z), logdet)
         return self.base.log_prob(z) + logdet
@@ -185,13 +209,24 @@ class Flow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """n samples; with context (n, C) (or (1, C), repeated), one sample per context row."""
+        """n samples (n, *event); with a context, torch.distributions' layout:
+
+        - context (C,): n samples under it, (n, *event);
+        - context (M, C): n samples under each of the M contexts in one pass, (n, M, *event),
+          sample [i, m] drawn under context m (one sample per context row: sample(1, c)[0]).
+
+        The context goes through the flow's embedding once per row, before it is repeated.
+        """
         n = _count("n", n)
-        if context is not None and context.shape[0] not in (1, n):
-            raise ValueError(f"context must have n={n} rows (or 1), got {tuple(context.shape)}")
-        context = self.embed(context)  # once, before repeating a single row
-        if context is not None and context.shape[0] == 1 and n != 1:
-            context = context.expand(n, *context.shape[1:])
-        z = self.base.sample(n, temperature)
-        x, _ = self._inverse(z, context)
-        return x
+        if context is None:
+            return self._inverse(self.base.sample(n, temperature), None)[0]
+        if not isinstance(context, torch.Tensor) or context.dim() not in (1, 2):
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape (C,) or (M, C), got {got}")
+        single = context.dim() == 1
+        e = self.embed(context[None] if single else context)
+        m = e.shape[0]
+        e = e.unsqueeze(0).expand(n, *e.shape).reshape(n * m, *e.shape[1:])
+        x, _ = self._inverse(self.base.sample(n * m, temperature), e)
+        x = x.view(n, m, *x.shape[1:])
+        return x[:, 0] if single else x
