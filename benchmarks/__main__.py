@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import common, kernels, training
+from . import common, kernels, lowdim, training
 from .chart import training_chart
 from .common import describe_machine, machine, write_results
 
@@ -25,6 +25,7 @@ SUITES = {
     "gaussian_nll": kernels.gaussian_nll_suite,
     "train": training.train_suite,
     "sample": training.sample_suite,
+    "lowdim": lowdim.lowdim_suite,
 }
 END_TO_END = {"train", "sample"}  # the suites that take --root
 ALIASES = {"realnvp_train": "train"}  # former names

@@ -205,3 +205,27 @@ def test_tiny_end_to_end_run_writes_every_result(tmp_path, monkeypatch):
     assert "peak MB" in md and "Sampling" in md and f"MNIST from {root}" in md
     if os.path.exists(tmp_path / "t.png"):
         assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_lowdim_peers_build_the_same_maf():
+    """nflows' MaskedAffineAutoregressiveTransform stack and flowkern's MAF hold the same
+    parameters: MADEs of 3 masked hidden layers of 50 with a context layer, per layer."""
+    pytest.importorskip("nflows")
+    from benchmarks import lowdim
+
+    ours = lowdim.flowkern_model("maf", 5, 20, "sigmoid")
+    theirs = lowdim.nflows_model("maf", 5, 20)
+    shapes = sorted(tuple(p.shape) for p in ours.parameters())
+    assert shapes == sorted(tuple(p.shape) for p in theirs.parameters())
+
+
+def test_lowdim_suite_on_tiny_sizes(monkeypatch):
+    from benchmarks import lowdim
+
+    monkeypatch.setattr(lowdim, "SIZES_QUICK", [(2, 3, 8)])
+    monkeypatch.setattr(lowdim, "LAYERS", 2)
+    rows, table = lowdim.lowdim_suite("cpu", True, 0.01)
+    kinds = {r.case.split()[-1] for r in rows}
+    assert kinds == {"maf", "nsf", "nsf-ar"}
+    assert all(r.extra["aten_ops_per_step"] > 0 and r.extra["sample_per_s"] > 0 for r in rows)
+    assert "aten ops / step" in table

@@ -35,7 +35,8 @@ def test_defaults_are_sbis_architectures():
     kinds = [type(m).__name__ for m in maf.layers]
     assert kinds == ["MaskedAutoregressiveAffine", "Permutation"] * 5
     made = maf.layers[0].made
-    assert made.first.out_features == 50 and len(made.hidden) == 2  # 2 hidden layers of 50 (one masked between)
+    # nflows' MADE with num_blocks=2: an initial layer and 2 blocks, 3 hidden layers of 50
+    assert made.first.out_features == 50 and sum(isinstance(m, nn.Linear) for m in made.hidden) == 2
     assert isinstance(made.activation, nn.Tanh) and maf.layers[1].kind == "random"
     nsf = models.NSF(4, context=6)
     assert [type(m).__name__ for m in nsf.layers] == ["SplineCoupling", "LinearLU"] * 5

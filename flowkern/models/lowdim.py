@@ -13,6 +13,12 @@ from ..nn.nets import Activation, _size
 PERMUTATIONS = ("random", "reverse")
 
 
+def _made_layers(blocks: int, residual: bool) -> int:
+    """MADE's `layers` for nflows' num_blocks: its initial layer plus `blocks` hidden (or
+    residual) blocks."""
+    return _size("blocks", blocks) if residual else _size("blocks", blocks) + 1
+
+
 def _permutation(kind: str, features: int) -> Permutation:
     if kind not in PERMUTATIONS:
         raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {kind!r}")
@@ -21,10 +27,12 @@ def _permutation(kind: str, features: int) -> Permutation:
 
 class MAF(Flow):
     """Masked Autoregressive Flow (Papamakarios et al. 2017): `layers` MaskedAutoregressiveAffine
-    layers (MADEs of `blocks` hidden layers, `hidden` wide), each followed by a permutation.
+    layers, each followed by a permutation. Their MADEs are `hidden` wide with `blocks` as
+    nflows counts them (num_blocks): blocks + 1 hidden layers, or with residual=True a first
+    layer and `blocks` residual blocks.
 
-    The defaults are sbi's `maf`: 5 layers, hidden 50, 2 hidden layers, tanh, a random
-    permutation after each layer. scale="sigmoid" is nflows' MaskedAffineAutoregressiveTransform
+    The defaults are sbi's `maf`: 5 layers, hidden 50, num_blocks 2 (3 hidden layers), tanh, a
+    random permutation after each layer. scale="sigmoid" is nflows' MaskedAffineAutoregressiveTransform
     (what sbi's maf runs), "tanh" (default) the soft-clamped exp of zuko and FrEIA.
 
     Args:
@@ -43,7 +51,8 @@ class MAF(Flow):
         features, layers = _size("features", features), _size("layers", layers)
         mods = []
         for _ in range(layers):
-            mods.append(MaskedAutoregressiveAffine(features, hidden, layers=blocks, context=context, scale=scale,
+            mods.append(MaskedAutoregressiveAffine(features, hidden, layers=_made_layers(blocks, residual),
+                                                   context=context, scale=scale,
                                                    inverse_autoregressive=inverse_autoregressive, residual=residual,
                                                    activation=activation, dropout=dropout))
             mods.append(_permutation(permutation, features))
@@ -58,9 +67,9 @@ class NSF(Flow):
     autoregressive=False (default): sbi's `nsf`: SplineCoupling layers with alternating masks
     and a ResidualNet conditioner (hidden 50, 2 blocks; conditioner="mlp" or a factory
     f(in_features, out_features) for another), each followed by a LinearLU. Couplings need
-    features >= 2. autoregressive=True: MaskedAutoregressiveSpline layers (MADEs of `blocks`
-    hidden layers; residual blocks with conditioner="residual"), each followed by a permutation
-    (zuko's NSF; sbi's `maf_rqs`).
+    features >= 2. autoregressive=True: MaskedAutoregressiveSpline layers (MADEs with nflows'
+    num_blocks = `blocks`: residual blocks with conditioner="residual", blocks + 1 hidden layers
+    with "mlp"), each followed by a permutation (zuko's NSF; sbi's `maf_rqs`).
 
     Args:
         features: D; context: the conditioning width after `embedding` (0: unconditional).
@@ -81,7 +90,8 @@ class NSF(Flow):
                                  f"blocks) or 'mlp', got {conditioner!r}")
             for _ in range(layers):
                 mods.append(MaskedAutoregressiveSpline(
-                    features, hidden, bins=bins, bound=bound, layers=blocks, context=context,
+                    features, hidden, bins=bins, bound=bound, layers=_made_layers(blocks, conditioner == "residual"),
+                    context=context,
                     inverse_autoregressive=inverse_autoregressive, residual=conditioner == "residual",
                     activation=activation))
                 mods.append(_permutation(permutation, features))
