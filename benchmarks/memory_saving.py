@@ -134,11 +134,11 @@ def _models(depth: int, hidden: int, device: str) -> dict:
     from flowkern.models import RealNVP
 
     torch.manual_seed(0)
-    base = RealNVP(FEATURES, depth, hidden, "affine")
+    base = RealNVP(FEATURES, depth, hidden, "affine", scale="sigmoid")  # nflows' scale: the peer's model
     with torch.no_grad():  # off the identity, so inverses do real work
         for layer in base.couplings:
             layer.conditioner[-1].weight.normal_(0.0, 0.01)
-    saving = RealNVP(FEATURES, depth, hidden, "affine", memory_saving=True)
+    saving = RealNVP(FEATURES, depth, hidden, "affine", scale="sigmoid", memory_saving=True)
     saving.load_state_dict(base.state_dict())
     out = {"standard": base.to(device), "memory_saving": saving.to(device)}
     peer = nflows_realnvp(FEATURES, depth, hidden, "affine")

@@ -174,10 +174,11 @@ def build_model(impl: Impl, cfg: Config, device: str) -> Optional[torch.nn.Modul
         else:
             model = impl.peer(784, cfg.layers, cfg.hidden, cfg.coupling)
     elif cfg.model == "glow":
-        model = Glow(IMAGE_SHAPE, levels=cfg.levels, steps=cfg.layers, hidden=cfg.hidden)
+        model = Glow(IMAGE_SHAPE, levels=cfg.levels, steps=cfg.layers, hidden=cfg.hidden, scale="sigmoid")
     else:
+        # scale="sigmoid": the peers' coupling function (nflows' AffineCouplingTransform): the same model
         model = RealNVP(784, layers=cfg.layers, hidden=cfg.hidden, coupling=cfg.coupling, norm=cfg.norm,
-                        dequantize=cfg.pixels)
+                        dequantize=cfg.pixels, scale="sigmoid")
     return None if model is None else model.to(device)
 
 

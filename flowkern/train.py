@@ -75,7 +75,7 @@ _RANK_SEED = 7_919
 MODEL_OPTIONS = ("model", "coupling", "layers", "hidden", "norm", "levels", "scale", "alpha", "bins", "bound")
 TRAIN_DEFAULTS: Dict[str, object] = {
     "model": "realnvp", "coupling": "affine", "layers": 8, "hidden": 512, "norm": "actnorm", "levels": 2,
-    "scale": "sigmoid", "alpha": 1e-6, "bins": 8, "bound": 3.0, "dequantize": "uniform",
+    "scale": "tanh", "alpha": 1e-6, "bins": 8, "bound": 3.0, "dequantize": "uniform",
     "data": "mnist", "root": "data", "download": False, "holdout": None,
     "out": None, "steps": None, "epochs": None, "batch_size": 256, "lr": 1e-3, "warmup": 100,
     "schedule": "cosine", "weight_decay": 0.0, "clip": 1.0, "seed": 0,

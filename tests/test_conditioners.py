@@ -287,8 +287,12 @@ def test_embedding_feeds_every_layer_once_per_call_and_trains():
     calls.clear()
     s = flow.sample(6, context=c[:3])
     assert s.shape == (6, 3, 5) and len(calls) == 1
-    with pytest.raises(ValueError, match=r"\(C,\) or \(M, C\)"):
+    with pytest.raises(ValueError, match=r"\(M, C\) rows after the embedding: context \(1, 10, 7\) gave"):
         flow.sample(6, context=c[None])
+    with pytest.raises(ValueError, match="scalar"):
+        flow.sample(6, context=c[0, 0])
+    with pytest.raises(TypeError, match="context must be a tensor"):
+        flow.log_prob(x, [1.0, 2.0])
     with pytest.raises(TypeError, match="embedding must be an nn.Module"):
         fnn.Flow(list(flow.layers), embedding=lambda c: c)
 
@@ -343,3 +347,82 @@ def test_realnvp_conditioner_factory_and_compile():
     compiled = torch.compile(flow.log_prob, fullgraph=True)
     got, ref = compiled(x, c), flow.log_prob(x, c)
     assert (got - ref).abs().max() <= 2 * flow_logprob_rounding(flow, x, EPS[torch.float32], c).max()
+
+
+# ------------------------------------------------------------- found by review: noise, statistics
+
+def _ms_grads(flow, x, c, memory_saving, seed=7):
+    flow.memory_saving = memory_saving
+    flow.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = -flow.log_prob(x, c).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in flow.named_parameters()}, loss.detach()
+
+
+@pytest.mark.parametrize("kind", ["coupling", "maf"])
+def test_dropout_layers_are_stochastic_and_memory_saving_replays_their_masks(kind):
+    torch.manual_seed(0)
+    if kind == "coupling":
+        layers = [fnn.AffineCoupling(4, context=2, flip=i % 2 == 1, conditioner=lambda i_, o: MLP(
+            i_, o, hidden=16, context=2, dropout=0.3)) for i in range(3)]
+    else:
+        layers = [fnn.MaskedAutoregressiveAffine(4, 16, context=2, dropout=0.3) for _ in range(3)]
+    for layer in layers:
+        _perturb(layer, 0.05)
+    flow = fnn.Flow(layers).double()
+    assert all(layer.stochastic for layer in layers)
+    flow.eval()
+    assert not any(layer.stochastic for layer in layers)  # no dropout in eval mode
+    flow.train()
+    x, c = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    ref, loss_ref = _ms_grads(flow, x, c, False)
+    got, loss = _ms_grads(flow, x, c, True)
+    assert (loss - loss_ref).abs() <= 1e-12 * loss_ref.abs()
+    for name, g in ref.items():  # the same dropout masks: float64 rounding only
+        assert (got[name] - g).abs().max() <= 1e-10 * (1 + g.abs().max()), name
+
+
+def test_a_batchnorm_in_a_conditioner_counts_each_step_once_under_memory_saving():
+    torch.manual_seed(0)
+    flow = _conditional_flow(None, std=0.05, conditioner=lambda i, o: ResidualNet(i, o, hidden=16, context=3,
+                                                                                batch_norm=True))
+    x, c = torch.randn(12, 5), torch.randn(12, 3)
+    ref = {k: v.clone() for k, v in flow.state_dict().items()}
+    _ms_grads(flow, x, c, True)
+    plain = _conditional_flow(None, std=0.05, conditioner=lambda i, o: ResidualNet(i, o, hidden=16, context=3,
+                                                                                 batch_norm=True))
+    plain.load_state_dict(ref)
+    _ms_grads(plain, x, c, False)
+    for (k, v), (k2, v2) in zip(flow.state_dict().items(), plain.state_dict().items()):
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(v, v2) if "num_batches" in k else (v - v2).abs().max() <= 1e-6, k
+    assert all(int(v) == 1 for k, v in flow.state_dict().items() if k.endswith("num_batches_tracked"))
+
+
+def test_a_downsampling_conv_conditioner_is_accepted_and_starts_as_identity():
+    class Down3(nn.Module):  # pools 3 times: a 4x4 trial image is too small for it
+        def __init__(self, i, o):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(i, 8, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(2), nn.MaxPool2d(2))
+            self.up = nn.Upsample(scale_factor=8)
+            self.out = nn.Conv2d(8, o, 3, padding=1)
+
+        def forward(self, x):
+            return self.out(self.up(torch.relu(self.enc(x))))
+
+    layer = fnn.ConvAffineCoupling(4, conditioner=Down3)
+    assert layer.starts_as_identity
+    x = torch.randn(2, 4, 16, 16)
+    y, ld = layer(x)
+    assert torch.equal(y, x) and torch.equal(ld, torch.zeros(2))
+
+
+def test_a_dropout_after_the_output_layer_is_not_taken_for_the_identity():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 6), nn.Dropout(0.5))
+    state = torch.random.get_rng_state()
+    # "sigmoid": the identity's raw scale is not 0, so dropping it (in training) is not the identity
+    layer = fnn.AffineCoupling(6, conditioner=net, scale="sigmoid")
+    assert not layer.starts_as_identity
+    assert torch.equal(torch.random.get_rng_state(), state)  # the trial calls drew from a fork

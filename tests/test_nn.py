@@ -225,7 +225,7 @@ def test_realnvp_default_is_the_mnist_model():
     flow = RealNVP()
     couplings = flow.couplings
     assert flow.features == 784 and len(couplings) == 8 and len(flow.layers) == 10  # + 2 permutations
-    assert all(isinstance(l, AffineCoupling) and l.scale == "sigmoid" for l in couplings)
+    assert all(isinstance(l, AffineCoupling) and l.scale == "tanh" for l in couplings)
     hidden = couplings[0].conditioner[0]
     assert hidden.in_features == 392 and hidden.out_features == 512
     # alternating masks: every feature is transformed by some layer; laid out as halves

@@ -26,7 +26,7 @@ class Glow(Flow):
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 28, 28), levels: int = 2, steps: int = 8,
-                 hidden: int = 512, *, scale: str = "sigmoid", context: int = 0,
+                 hidden: int = 512, *, scale: str = "tanh", context: int = 0,
                  dequantize: Union[bool, str] = False, alpha: float = 1e-6, memory_saving: Union[bool, int] = False):
         from ..nn.linear import Invertible1x1Conv
         from ..nn.norm import ActNorm

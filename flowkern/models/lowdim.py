@@ -40,7 +40,8 @@ class MAF(Flow):
         context: width of the conditioning vector (0: unconditional), after `embedding`.
         inverse_autoregressive: IAF layers (one-pass sampling, D-pass density).
         embedding: a module the context goes through first (sbi's embedding_net).
-        residual, dropout, order: the MADEs' options (order of the first layer's features).
+        residual, dropout: the MADEs' options (each MADE takes the natural order; the
+            permutations between layers reorder the features).
         memory_saving: as Flow's.
     """
 
@@ -109,7 +110,7 @@ class NSF(Flow):
                     from ..nn.nets import MLP, ResidualNet
 
                     kind = ResidualNet if conditioner == "residual" else MLP
-                    depth = {"blocks": blocks} if conditioner == "residual" else {"layers": blocks}
+                    depth = {"blocks": blocks} if conditioner == "residual" else {"layers": _made_layers(blocks, False)}
 
                     def net(i_f, o_f, kind=kind, depth=depth):
                         return kind(i_f, o_f, hidden=hidden, context=context, activation=activation, **depth)

@@ -42,7 +42,7 @@ class RealNVP(Flow):
     """
 
     def __init__(self, features: int = 784, layers: int = 8, hidden: int = 512, coupling: str = "affine",
-                 *, norm: Optional[str] = None, scale: str = "sigmoid", context: int = 0,
+                 *, norm: Optional[str] = None, scale: str = "tanh", context: int = 0,
                  dequantize: Union[bool, str] = False, alpha: float = 1e-6, bins: int = 8, bound: float = 3.0,
                  memory_saving: Union[bool, int] = False, conditioner="mlp", embedding=None):
         if isinstance(conditioner, torch.nn.Module):

@@ -30,7 +30,7 @@ from ..ops.rq_spline import check_bins, check_bound, rq_spline
 from ..reference.affine_coupling import SCALES, identity_scale_raw
 from ..reference.rq_spline import MIN_DERIVATIVE, identity_derivative_raw, params_per_element
 from .flow import FlowLayer
-from .nets import Activation, _dropout, _size, activation_factory
+from .nets import Activation, _dropout, _size, activation_factory, draws_noise
 
 ORDERS = ("natural", "reversed", "random")
 LAYOUTS = ("param-major", "feature-major")
@@ -193,6 +193,11 @@ class _Autoregressive(FlowLayer):
         self.inverse_autoregressive = _checks.flag("inverse_autoregressive", inverse_autoregressive)
         self.made = MADE(features, params, hidden=hidden, layers=layers, context=context, order=order,
                          residual=residual, layout=self.LAYOUT, activation=activation, dropout=dropout)
+
+    @property
+    def stochastic(self) -> bool:
+        """A dropout in the MADE, in training: memory-saving backprop replays the random stream."""
+        return draws_noise(self.made)
 
     def _set_identity(self, bias: torch.Tensor) -> None:
         with torch.no_grad():

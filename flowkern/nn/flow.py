@@ -32,6 +32,11 @@ def _count(name: str, n) -> int:
     return value
 
 
+def _check_context_type(context) -> None:
+    if context is not None and not isinstance(context, torch.Tensor):
+        raise TypeError(f"context must be a tensor (or None), got {type(context).__name__}")
+
+
 class FlowLayer(nn.Module):
     """Base class of flowkern's invertible layers."""
 
@@ -157,24 +162,33 @@ class Flow(nn.Module):
         = base.log_prob(z) + logdet; with a StandardNormal base, -gaussian_nll(z, logdet): one
         fused reduction over z instead of square, sum and two adds.
 
-        Batched contexts (the layout of sample): x of shape (n, M, *event) against context (M, C)
-        scores x[i, m] under context m and returns (n, M); a context of shape (C,) applies to
-        every row.
+        Batched contexts (the layout of sample): x of shape (n, M, *event) against a context of
+        M rows, (M, C) (or (M, ...) with an embedding), scores x[i, m] under context m and
+        returns (n, M). It is taken to be batched when x has one dim more than the base's event
+        and its second dim is the context's row count while its first is not (or both are M):
+        a flow whose layers change the number of dims (its input (B, *in) with len(in) = len(event)
+        + 1) passes such x one row per context. A context of shape (C,) applies to every row.
         """
+        _check_context_type(context)
         event = self._event_dims()
-        if (context is not None and isinstance(x, torch.Tensor) and event is not None
-                and x.dim() == event + 2 and context.dim() == 2):
+        if (context is not None and isinstance(x, torch.Tensor) and event is not None and context.dim() >= 2
+                and x.dim() == event + 2 and x.shape[1] == context.shape[0]
+                and (x.shape[0] != context.shape[0] or x.shape[0] == x.shape[1])):
             n, m = x.shape[:2]
-            if context.shape[0] != m:
-                raise ValueError(f"context must have M={m} rows for x of shape (n, M, ...) = {tuple(x.shape)}, "
-                                 f"got {tuple(context.shape)}")
-            e = self.embed(context)  # once per context row
-            e = e.unsqueeze(0).expand(n, *e.shape).reshape(n * m, *e.shape[1:])
+            e = self._repeat(self.embed(context), n, context)  # embedded once per context row
             return self._log_prob(x.reshape(n * m, *x.shape[2:]), e).view(n, m)
         if context is not None and context.dim() == 1 and isinstance(x, torch.Tensor):
             e = self.embed(context[None])
             return self._log_prob(x, e.expand(x.shape[0], *e.shape[1:]))
         return self._log_prob(x, self.embed(context))
+
+    def _repeat(self, e: torch.Tensor, n: int, context: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (n * M, C), row i * M + m = e[m]; e is the embedded context."""
+        if e.dim() != 2:
+            after = " after the embedding" if self.embedding is not None else ""
+            raise ValueError(f"context must give the layers (M, C) rows{after}: context {tuple(context.shape)} "
+                             f"gave {tuple(e.shape)}")
+        return e.unsqueeze(0).expand(n, *e.shape).reshape(n * e.shape[0], *e.shape[1:])
 
     def _log_prob(self, x: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
         z, logdet = self._forward(x, context)
@@ -211,22 +225,23 @@ class Flow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         """n samples (n, *event); with a context, torch.distributions' layout:
 
-        - context (C,): n samples under it, (n, *event);
-        - context (M, C): n samples under each of the M contexts in one pass, (n, M, *event),
-          sample [i, m] drawn under context m (one sample per context row: sample(1, c)[0]).
+        - context (M, C) (with an embedding, (M, ...) as it takes them): n samples under each of
+          the M contexts in one pass, (n, M, *event), sample [i, m] drawn under context m. One
+          sample per context row: sample(1, c)[0], (M, *event).
+        - context (C,), a single vector context: (n, *event).
 
-        The context goes through the flow's embedding once per row, before it is repeated.
+        (Until this change a context of n rows gave one sample per row, (n, *event).) The
+        context goes through the flow's embedding once per row, before it is repeated.
         """
         n = _count("n", n)
+        _check_context_type(context)
         if context is None:
             return self._inverse(self.base.sample(n, temperature), None)[0]
-        if not isinstance(context, torch.Tensor) or context.dim() not in (1, 2):
-            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape (C,) or (M, C), got {got}")
+        if context.dim() == 0:
+            raise ValueError("context must have shape (M, C) (or (C,) for one vector context), got a scalar")
         single = context.dim() == 1
         e = self.embed(context[None] if single else context)
         m = e.shape[0]
-        e = e.unsqueeze(0).expand(n, *e.shape).reshape(n * m, *e.shape[1:])
-        x, _ = self._inverse(self.base.sample(n * m, temperature), e)
+        x, _ = self._inverse(self.base.sample(n * m, temperature), self._repeat(e, n, context))
         x = x.view(n, m, *x.shape[1:])
         return x[:, 0] if single else x

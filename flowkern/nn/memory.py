@@ -238,18 +238,13 @@ class _Backward:
                     grad_y = None
                 continue
             rng = None
-            if mode == INVERT and _has_conditioner(layer) and _builtin(layer) and not self.autocast[1]:
-                step = self._fused_coupling_step(layer, y, grad_y, need_x)
-                if step is not None:
-                    y, grad_y = step
-                    continue
-            if mode == INVERT and _has_conditioner(layer):
-                y, grad_y = self._coupling_step(layer, y, grad_y, need_x)
-                continue
             if mode == INVERT:
-                with torch.no_grad(), self._autocast():
-                    x, _ = layer.inverse(y, self.context, None)
-            elif mode == NOISE:
+                # The forward pass updated any batch statistics inside the layer (a BatchNorm in
+                # a conditioner) once; the inverse and the recompute must not do it again.
+                with _statistics_kept(layer):
+                    y, grad_y = self._invert_step(layer, y, grad_y, need_x)
+                continue
+            if mode == NOISE:
                 x = self.saved[detail[0]]
                 rng = self.record.rng[detail[1]]
             else:
@@ -257,6 +252,19 @@ class _Backward:
             grad_y = self._recompute(layer, mode, x, grad_y, need_x and x.is_floating_point(), rng)
             y = x
         return y, grad_y
+
+    def _invert_step(self, layer, y, grad_y, need_x: bool):
+        """An INVERT layer's step: the input rebuilt by its inverse, then the recompute (for the
+        couplings, the fused step or the step sharing one conditioner pass)."""
+        if _has_conditioner(layer) and _builtin(layer) and not self.autocast[1]:
+            step = self._fused_coupling_step(layer, y, grad_y, need_x)
+            if step is not None:
+                return step
+        if _has_conditioner(layer):
+            return self._coupling_step(layer, y, grad_y, need_x)
+        with torch.no_grad(), self._autocast():
+            x, _ = layer.inverse(y, self.context, None)
+        return x, self._recompute(layer, INVERT, x, grad_y, need_x and x.is_floating_point(), None)
 
     def _needs(self, layer, grad_y, need_x: bool):
         """(params, need_ctx, anything to compute)."""
@@ -368,6 +376,23 @@ class _Backward:
             got = got[1:]
         self._accumulate(got, need_ctx, params)
         return grad_x
+
+
+@contextlib.contextmanager
+def _statistics_kept(layer: nn.Module):
+    """Puts back the running statistics of every BatchNorm-like module inside layer that is in
+    training mode (the only buffers a call changes there), after the block."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    saved = [(b, b.detach().clone()) for m in layer.modules()
+             if isinstance(m, _NormBase) and m.training and m.track_running_stats
+             for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def _builtin(layer: nn.Module) -> bool:

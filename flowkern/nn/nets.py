@@ -17,6 +17,7 @@ its weight is zeroed and its bias set. `zero_last_layer` does the same for your 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable, Optional, Union
 
@@ -34,6 +35,12 @@ def _size(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def _flag(name: str, value) -> bool:
+    from ..ops import _checks
+
+    return _checks.flag(name, value)
 
 
 def _dropout(value) -> float:
@@ -134,7 +141,7 @@ class ResidualNet(nn.Module):
         act, dropout = activation_factory(activation), _dropout(dropout)
         self.context_features = context
         self.first = nn.Linear(in_features + context, hidden)
-        self.blocks = nn.ModuleList(_ResidualBlock(hidden, context, act, dropout, bool(batch_norm))
+        self.blocks = nn.ModuleList(_ResidualBlock(hidden, context, act, dropout, _flag("batch_norm", batch_norm))
                                     for _ in range(blocks))
         self.last = nn.Linear(hidden, out_features)
         zero_last_layer(self)
@@ -177,6 +184,35 @@ class ConvNet(nn.Sequential):
 
 
 _OUTPUT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def draws_noise(net: nn.Module) -> bool:
+    """Whether net, as it is now, draws random numbers in forward: a dropout module with p > 0
+    in training mode. (A network that calls F.dropout itself is not seen: give such a layer
+    `stochastic = True`.) Memory-saving backprop replays such a layer's random stream."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in net.modules())
+
+
+@contextlib.contextmanager
+def quietly(net: nn.Module, eval_mode: bool):
+    """Runs a trial call of net without side effects: no grad, the global random streams forked
+    (torch.random.fork_rng), every buffer (BatchNorm statistics, counters) put back afterwards,
+    and, with eval_mode, eval() for the call and each module's own mode restored by train()."""
+    buffers = [(b, b.detach().clone()) for b in net.buffers()]
+    modes = [(m, m.training) for m in net.modules()]
+    devices = [d for d in {b.device for b in list(net.parameters()) + list(net.buffers())} if d.type == "cuda"]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            if eval_mode:
+                net.eval()
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            if m.training != mode:
+                m.train(mode)
 
 
 def output_layer(net: nn.Module, out_features: Optional[int] = None) -> Optional[nn.Module]:
@@ -255,32 +291,52 @@ def build_conditioner(conditioner, in_features: int, out_features: int, *, conte
     return net
 
 
-def _probe(net: nn.Module, in_features: int, out_features: int, context: int, images: bool) -> None:
-    """Calls net once on zeros (eval mode, no grad, modes restored) and checks its output's shape,
-    so a wrong width fails at construction, naming the argument."""
+def trial_inputs(net: nn.Module, batch: int, in_features: int, context: int, spatial: tuple, seed=None):
+    """Inputs for a trial call of net, on its parameters' device and dtype: zeros, or normal
+    draws from a generator of their own when seed is given."""
     p = next(net.parameters(), None)
-    if p is not None and p.device.type == "meta":
-        return
     kw = {"device": p.device, "dtype": p.dtype} if p is not None and p.is_floating_point() else {}
-    spatial = (4, 4) if images else ()
-    x = torch.zeros(2, in_features, *spatial, **kw)
-    args = (x, torch.zeros(2, context, **kw)) if context else (x,)
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net(*args)
-    except Exception as e:
-        call = "net(kept, context)" if context else "net(kept)"
-        raise ValueError(f"conditioner: {call} on a {tuple(x.shape)} input"
-                         f"{f' and a (2, {context}) context' if context else ''} raised "
-                         f"{type(e).__name__}: {e}") from e
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    if seed is None:
+        make = lambda *shape: torch.zeros(*shape, **kw)  # noqa: E731
+    else:
+        gen = torch.Generator(kw.get("device", "cpu")).manual_seed(seed)
+        make = lambda *shape: torch.randn(*shape, generator=gen, **kw)  # noqa: E731
+    x = make(batch, in_features, *spatial)
+    return (x, make(batch, context)) if context else (x,)
+
+
+def on_meta(net: nn.Module) -> bool:
+    p = next(net.parameters(), None)
+    return p is not None and p.device.type == "meta"
+
+
+# Trial image sizes: small first (cheap for wide ConvNets); a network that downsamples (a U-Net)
+# needs a larger one.
+TRIAL_SPATIAL = ((4, 4), (32, 32))
+
+
+def _probe(net: nn.Module, in_features: int, out_features: int, context: int, images: bool) -> None:
+    """Calls net once on zeros (quietly: eval mode, no grad, buffers, modes and the random
+    streams as they were) and checks its output's shape, so a wrong width fails at
+    construction, naming the argument."""
+    if on_meta(net):
+        return
+    call = "net(kept, context)" if context else "net(kept)"
+    for k, spatial in enumerate(TRIAL_SPATIAL if images else ((),)):
+        args = trial_inputs(net, 2, in_features, context, spatial)
+        try:
+            with quietly(net, eval_mode=True):
+                out = net(*args)
+            break
+        except Exception as e:
+            if k + 1 < len(TRIAL_SPATIAL if images else ((),)):
+                continue
+            raise ValueError(f"conditioner: {call} on a {tuple(args[0].shape)} input"
+                             f"{f' and a (2, {context}) context' if context else ''} raised "
+                             f"{type(e).__name__}: {e}") from e
     want = (2, out_features, *spatial)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"conditioner: its output must have shape (batch, {out_features}{', H, W' if images else ''})"
                          f" (the layer's parameters per transformed feature times their count), got {got} "
-                         f"for a {tuple(x.shape)} input")
+                         f"for a {tuple(args[0].shape)} input")
