@@ -29,7 +29,7 @@ from ..ops import _checks
 from ..ops.rq_spline import check_bins, check_bound, rq_spline
 from ..reference.affine_coupling import SCALES, identity_scale_raw
 from ..reference.rq_spline import MIN_DERIVATIVE, identity_derivative_raw, params_per_element
-from .flow import FlowLayer
+from .flow import FlowLayer, check_layer_context
 from .nets import Activation, _dropout, _size, activation_factory, draws_noise
 
 ORDERS = ("natural", "reversed", "random")
@@ -212,11 +212,7 @@ class _Autoregressive(FlowLayer):
             raise TypeError(f"{name} must have the dtype of the layer's parameters ({weight.dtype}), got {x.dtype}: "
                             "cast the flow (e.g. flow.double()) or the data, or run under torch.autocast")
         if self.context_features:
-            if context is None:
-                raise ValueError(f"this layer is conditional: pass context of shape (batch, {self.context_features})")
-            if not isinstance(context, torch.Tensor) or context.shape != (x.shape[0], self.context_features):
-                got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-                raise ValueError(f"context must have shape ({x.shape[0]}, {self.context_features}), got {got}")
+            check_layer_context(context, self.context_features, x.shape[0])
 
     def _params(self, h: torch.Tensor, context: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return self.made(h, context if self.context_features else None).to(dtype)

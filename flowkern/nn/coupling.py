@@ -13,7 +13,7 @@ from .. import ops
 from ..reference.affine_coupling import SCALES, identity_scale_raw
 from ..ops import _checks
 from ..ops._autograd import eager_autograd
-from .flow import FlowLayer
+from .flow import FlowLayer, check_layer_context
 from .nets import (MLP, TRIAL_SPATIAL, ConvNet, build_conditioner, draws_noise, on_meta,  # noqa: F401 (MLP, ConvNet:
                    output_layer, quietly, trial_inputs)  # re-exported)
 
@@ -185,11 +185,7 @@ class _Coupling(FlowLayer):
         """The conditioner's output on the kept part (and the context), in `dtype`: net(kept) or,
         for a conditional layer, net(kept, context)."""
         if self.context_features:
-            if context is None:
-                raise ValueError(f"this layer is conditional: pass context of shape (batch, {self.context_features})")
-            if not isinstance(context, torch.Tensor) or context.shape != (kept.shape[0], self.context_features):
-                got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-                raise ValueError(f"context must have shape ({kept.shape[0]}, {self.context_features}), got {got}")
+            check_layer_context(context, self.context_features, kept.shape[0])
             out = self.conditioner(kept, context.to(kept.dtype))
         else:
             out = self.conditioner(kept)

@@ -37,6 +37,15 @@ def _check_context_type(context) -> None:
         raise TypeError(f"context must be a tensor (or None), got {type(context).__name__}")
 
 
+def check_layer_context(context, width: int, batch: int) -> None:
+    """A conditional layer's context (width > 0): a tensor of shape (batch, width)."""
+    if context is None:
+        raise ValueError(f"this layer is conditional: pass context of shape (batch, {width})")
+    if not isinstance(context, torch.Tensor) or context.shape != (batch, width):
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"context must have shape ({batch}, {width}), got {got}")
+
+
 class FlowLayer(nn.Module):
     """Base class of flowkern's invertible layers."""
 
