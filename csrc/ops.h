@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "math/affine_coupling.h"
+#include "math/rq_style.h"
 
 namespace flowkern {
 
@@ -156,6 +157,19 @@ inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x
   check_per_row(per_row, x.size(0), logdet_dtype(x.scalar_type()), x.device());
 }
 
+// The knot style of rq_spline (math/rq_spline.h's RqStyle), checked.
+inline math::RqStyle rq_style(int64_t bins, double min_width, double min_height, double min_derivative,
+                              bool exp_derivative, double log_slope) {
+  TORCH_CHECK(min_width >= 0 && min_width * bins <= 1 && min_height >= 0 && min_height * bins <= 1,
+              "flowkern: rq_spline needs 0 <= min_width, min_height and bins * them <= 1, got ", min_width, ", ",
+              min_height, " for ", bins, " bins");
+  TORCH_CHECK(min_derivative >= 0 && std::isfinite(min_derivative),
+              "flowkern: rq_spline min_derivative must be >= 0 and finite, got ", min_derivative);
+  TORCH_CHECK(log_slope <= 0 && std::isfinite(log_slope), "flowkern: rq_spline log_slope must be <= 0, got ",
+              log_slope);
+  return math::RqStyle{min_width, min_height, min_derivative, exp_derivative, log_slope};
+}
+
 // Turns the runtime (mode, inverse) pair of affine_coupling into template arguments, so each
 // kernel's inner loop is branch-free: f(std::integral_constant<int, MODE>, std::bool_constant<INVERSE>).
 template <typename F>
@@ -191,10 +205,13 @@ void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
       const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first);            \
   std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,    \
                                                    double bound, bool inverse,                                     \
-                                                   const std::optional<at::Tensor>& logdet);                        \
+                                                   const std::optional<at::Tensor>& logdet, double min_width,       \
+                                                   double min_height, double min_derivative, bool exp_derivative,   \
+                                                   double log_slope);                                               \
   std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(                                                                \
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,           \
-      const at::Tensor& params, int64_t bins, double bound, bool inverse);
+      const at::Tensor& params, int64_t bins, double bound, bool inverse, double min_width, double min_height,    \
+      double min_derivative, bool exp_derivative, double log_slope);
 
 namespace cpu {
 FLOWKERN_DECLARE_LAUNCHERS

@@ -107,3 +107,37 @@ def test_float64_kernel_gradcheck():
             assert torch.autograd.gradcheck(
                 lambda a, p, l: rq_spline(a, p, bins=4, inverse=inverse, logdet=l),
                 (x.requires_grad_(), params.requires_grad_(), ld.requires_grad_()))
+
+
+# Knot styles: nflows' other minimums, zuko's soft-clamped exp parameterisation, and mixtures.
+STYLES = {
+    "mins": dict(min_width=0.02, min_height=0.05, min_derivative=0.1),
+    "zuko": dict(min_width=0.0, min_height=0.0, min_derivative=0.0, derivative="exp", slope=1e-3),
+    "exp-mins": dict(min_derivative=0.01, derivative="exp"),
+    "softplus-clamp": dict(slope=1e-2),
+}
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("bins", [1, 3, 10])
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+def test_kernels_match_reference_in_every_style(backend, device, style, bins, inverse):
+    x, params = make((3, 9), bins, device, p_scale=3.0, x_scale=2.5)  # large raw params: the clamp bites
+    x[0, :3] = torch.tensor([-3.0, 3.0, 40.0])
+    ld_in = torch.randn(3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    check_agree("rq_spline", dict(x=x, params=params, logdet=ld_in),
+                dict(bins=bins, bound=3.0, inverse=inverse, **STYLES[style]), backend=backend, device=device)
+    check_op_roundtrip("rq_spline", dict(x=x, params=params), dict(bins=bins, bound=3.0, inverse=inverse,
+                                                                   **STYLES[style]), backend=backend, device=device)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_zuko_style_extreme_params_stay_finite(backend, device):
+    # the soft clamp bounds every raw param, so even 1e30 gives bins of at least ~slope of the rest
+    x, params = make((2, 8), 6, device)
+    params = params * 1e30
+    with flowkern.backend(backend):
+        for inverse in (False, True):
+            y, ld = rq_spline(x.float(), params.float(), bins=6, inverse=inverse, **STYLES["zuko"])
+            assert torch.isfinite(y).all() and torch.isfinite(ld).all()

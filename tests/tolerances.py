@@ -288,8 +288,7 @@ def spline_inverse(case, outs):
 def spline_slopes(case):
     """Per element of x: the first map's output and its log-slope (float64 reference)."""
     x, p, kw = case.tensors["x"], case.tensors["params"], case.kwargs
-    y, ld = R.rq_spline_ref(x.reshape(-1), p.reshape(-1, p.shape[-1]), bins=kw["bins"], bound=kw["bound"],
-                            inverse=kw["inverse"])
+    y, ld = R.rq_spline_ref(x.reshape(-1), p.reshape(-1, p.shape[-1]), **kw)  # kw: bins, bound, inverse, style
     return y.reshape(x.shape), ld.reshape(x.shape)
 
 
@@ -300,11 +299,15 @@ def spline_roundtrip_tol(case, eps):
     return spline_roundtrip_bound(x, y, log_slope, kw["bound"], eps, TINY[case.dtype])
 
 
+SPLINE_STYLE_KEYS = ("min_width", "min_height", "min_derivative", "derivative", "slope")
+
+
 def spline_bin_terms(case: Case):
     """(inside, terms): which elements lie in [-bound, bound], and the size (1 + d) / w of the
     terms d(log-slope)/dx is a difference of (w, h: the element's bin, d its knot slopes)."""
     x, p, kw = case.tensors["x"], case.tensors["params"], case.kwargs
-    xk, yk, dk = spline_knots(p, kw["bins"], kw["bound"])
+    style = {k: v for k, v in kw.items() if k in SPLINE_STYLE_KEYS}
+    xk, yk, dk = spline_knots(p, kw["bins"], kw["bound"], **style)
     inside = (x >= -kw["bound"]) & (x <= kw["bound"])
     v = torch.where(inside, x, torch.zeros_like(x))
     k = find_bin(yk if kw["inverse"] else xk, v)

@@ -209,7 +209,7 @@ void store_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
 
 template <typename scalar_t, bool INVERSE>
 void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t* ld_out, const scalar_t* ld_in,
-              int64_t rows, int64_t n, int bins, scalar_t bound) {
+              int64_t rows, int64_t n, int bins, scalar_t bound, const RqStyle& st) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   const int np = 3 * bins - 1;
@@ -227,7 +227,7 @@ void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t
         const int64_t i = base + j;
         load_params(params + i * np, lanes, np, pbuf);
         Vec o, ld;
-        rq_spline_forward<INVERSE>(Vec::loadu(x + i, lanes), u, bins, vbound, sx, sy, o, ld);
+        rq_spline_forward<INVERSE>(Vec::loadu(x + i, lanes), u, bins, vbound, st, sx, sy, o, ld);
         o.store(out + i, lanes);
         acc = acc + (lanes == W ? ld : Vec::set(Vec(scalar_t(0)), ld, lanes));
       }
@@ -238,7 +238,7 @@ void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t
 
 template <typename scalar_t, bool INVERSE>
 void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const scalar_t* params, scalar_t* grad_x,
-              scalar_t* grad_params, int64_t rows, int64_t n, int bins, scalar_t bound) {
+              scalar_t* grad_params, int64_t rows, int64_t n, int bins, scalar_t bound, const RqStyle& st) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   const int np = 3 * bins - 1;
@@ -259,7 +259,7 @@ void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const s
         load_params(params + i * np, lanes, np, pbuf);
         Vec gi;
         rq_spline_backward<INVERSE>(Vec::loadu(g + i, lanes), vgld, Vec::loadu(x + i, lanes), u, bins, vbound,
-                                    sx, sy, gi, store);
+                                    st, sx, sy, gi, store);
         gi.store(grad_x + i, lanes);
         store_params(gbuf, lanes, np, grad_params + i * np);
       }
@@ -275,8 +275,11 @@ void check_cpu_dtype(const at::Tensor& t) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,
-                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet) {
+                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet,
+                                                 double min_width, double min_height, double min_derivative,
+                                                 bool exp_derivative, double log_slope) {
   check_rq_spline_inputs(x, x, params, bins, bound, logdet);
+  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
   check_cpu_dtype(x);
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -287,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
     auto run = [&](auto inv_c) {
       fwd_rows<scalar_t, decltype(inv_c)::value>(x.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
                                                  out.data_ptr<scalar_t>(), ld.data_ptr<scalar_t>(), ld_in, rows, n,
-                                                 static_cast<int>(bins), static_cast<scalar_t>(bound));
+                                                 static_cast<int>(bins), static_cast<scalar_t>(bound), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});
@@ -297,8 +300,11 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
                                                  const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,
-                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse) {
+                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse,
+                                                 double min_width, double min_height, double min_derivative,
+                                                 bool exp_derivative, double log_slope) {
   check_rq_spline_inputs(x_in, grad_out, params, bins, bound, grad_logdet);
+  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
   check_cpu_dtype(x_in);
   const int64_t rows = x_in.size(0);
   const int64_t n = rows == 0 ? 0 : x_in.numel() / rows;
@@ -310,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
       bwd_rows<scalar_t, decltype(inv_c)::value>(grad_out.data_ptr<scalar_t>(), gld, x_in.data_ptr<scalar_t>(),
                                                  params.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
                                                  grad_params.data_ptr<scalar_t>(), rows, n, static_cast<int>(bins),
-                                                 static_cast<scalar_t>(bound));
+                                                 static_cast<scalar_t>(bound), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});

@@ -30,7 +30,7 @@ __global__ void rq_spline_fwd_kernel(const scalar_t* __restrict__ x,       // (r
                                      scalar_t* __restrict__ out,           // (rows, n)
                                      acc_t* __restrict__ ld_out, const acc_t* __restrict__ ld_in,  // (rows,)
                                      int64_t n,  // elements per row = row stride of x and out
-                                     int bins, acc_t bound) {
+                                     int bins, acc_t bound, RqStyle st) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * n;
   const int np = 3 * bins - 1;
   acc_t sx[kRqMaxBins], sy[kRqMaxBins];
@@ -39,7 +39,7 @@ __global__ void rq_spline_fwd_kernel(const scalar_t* __restrict__ x,       // (r
     const scalar_t* p = params + (base + j) * np;
     const auto u = [p](int i) { return static_cast<acc_t>(p[i]); };
     acc_t o, ld;
-    rq_spline_forward<INVERSE>(static_cast<acc_t>(x[base + j]), u, bins, bound, sx, sy, o, ld);
+    rq_spline_forward<INVERSE>(static_cast<acc_t>(x[base + j]), u, bins, bound, st, sx, sy, o, ld);
     out[base + j] = static_cast<scalar_t>(o);
     acc += ld;
   }
@@ -55,7 +55,7 @@ __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (nume
                                      scalar_t* __restrict__ grad_x,     // (numel,)
                                      scalar_t* __restrict__ grad_params,   // (numel, 3 bins - 1)
                                      int64_t numel, int64_t n,  // n: elements per row, maps index -> row
-                                     int bins, acc_t bound) {
+                                     int bins, acc_t bound, RqStyle st) {
   const int np = 3 * bins - 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   acc_t sx[kRqMaxBins], sy[kRqMaxBins];
@@ -66,8 +66,8 @@ __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (nume
     const auto store = [gp](int k, acc_t value) { gp[k] = static_cast<scalar_t>(value); };
     const acc_t row_gld = gld ? gld[i / n] : acc_t(0);
     acc_t gi;
-    rq_spline_backward<INVERSE>(static_cast<acc_t>(g[i]), row_gld, static_cast<acc_t>(x[i]), u, bins, bound, sx,
-                                sy, gi, store);
+    rq_spline_backward<INVERSE>(static_cast<acc_t>(g[i]), row_gld, static_cast<acc_t>(x[i]), u, bins, bound, st,
+                                sx, sy, gi, store);
     grad_x[i] = static_cast<scalar_t>(gi);
   }
 }
@@ -75,8 +75,11 @@ __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (nume
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,
-                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet) {
+                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet,
+                                                 double min_width, double min_height, double min_derivative,
+                                                 bool exp_derivative, double log_slope) {
   check_rq_spline_inputs(x, x, params, bins, bound, logdet);
+  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -93,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
     auto run = [&](auto inv_c) {
       rq_spline_fwd_kernel<scalar_t, acc_t, decltype(inv_c)::value><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
           x.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ld.data_ptr<acc_t>(), ld_in,
-          n, static_cast<int>(bins), static_cast<acc_t>(bound));
+          n, static_cast<int>(bins), static_cast<acc_t>(bound), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});
@@ -104,8 +107,11 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
                                                  const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,
-                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse) {
+                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse,
+                                                 double min_width, double min_height, double min_derivative,
+                                                 bool exp_derivative, double log_slope) {
   check_rq_spline_inputs(x_in, grad_out, params, bins, bound, grad_logdet);
+  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t rows = x_in.size(0);
   const int64_t numel = x_in.numel();
@@ -123,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
       rq_spline_bwd_kernel<scalar_t, acc_t, decltype(inv_c)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), gld, x_in.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
           grad_x.data_ptr<scalar_t>(), grad_params.data_ptr<scalar_t>(), numel, n, static_cast<int>(bins),
-          static_cast<acc_t>(bound));
+          static_cast<acc_t>(bound), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});

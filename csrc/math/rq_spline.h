@@ -41,6 +41,7 @@
 #pragma once
 
 #include "common.h"
+#include "rq_style.h"
 
 #include <type_traits>
 #include <utility>
@@ -50,10 +51,30 @@ namespace math {
 
 constexpr int kRqMaxBins = 64;
 constexpr int kRqMaxParams = 3 * kRqMaxBins - 1;
-constexpr double kRqMinWidth = 1e-3;
-constexpr double kRqMinHeight = 1e-3;
-constexpr double kRqMinDerivative = 1e-3;
 constexpr double kRqSoftplusThreshold = 20.0;  // torch's softplus: u itself above it
+
+// The raw param i as the knots see it: soft-clamped when the style asks (sizes into
+// (l/2, -l/2): u / (1 + |2u / l|); derivatives into (l, -l): u / (1 + |u / l|)), written as the
+// reference's torch ops round it.
+template <bool CLAMP, typename T>
+FLOWKERN_HD T rq_raw(const T& u, int i, int bins, const RqStyle& st) {
+  if constexpr (!CLAMP) {
+    return u;
+  } else {
+    const T l(st.log_slope);
+    const T a = i < 2 * bins ? (T(2) * u) / l : u / l;
+    return u / (T(1) + fk_abs(a));
+  }
+}
+
+// d rq_raw / du = 1 / (1 + |a u|)^2 (1 without the clamp).
+template <typename T>
+FLOWKERN_HD T rq_raw_grad(const T& u, int i, int bins, const RqStyle& st) {
+  const T l(st.log_slope);
+  const T a = i < 2 * bins ? (T(2) * u) / l : u / l;
+  const T den = T(1) + fk_abs(a);
+  return T(1) / (den * den);
+}
 
 // a * b rounded on its own: never fused into an fma with a following add (the knots must
 // round as the reference's separate torch ops do, or an input exactly on a knot could land
@@ -146,28 +167,35 @@ FLOWKERN_HD void rq_table(const T* s, int bins, const T& bound, double min_size,
   }
 }
 
-// min_derivative + softplus(ud) (torch's threshold) and, for the backward, its derivative.
+// min_derivative + softplus(ud) (torch's threshold), or + exp(ud), and, for the backward, its
+// derivative in ud.
 template <bool GRAD, typename T>
-FLOWKERN_HD void rq_derivative(const T& ud, T& d, T& sig) {
+FLOWKERN_HD void rq_derivative(const T& ud, const RqStyle& st, T& d, T& sig) {
+  const T z = fk_exp(ud);  // softplus: inf above the threshold, only in lanes the selects drop
+  if (st.exp_derivative) {
+    d = T(st.min_derivative) + z;
+    if constexpr (GRAD) sig = z;
+    return;
+  }
   const auto linear = ud > T(kRqSoftplusThreshold);
-  const T z = fk_exp(ud);  // inf above the threshold: only in lanes the selects drop
-  d = T(kRqMinDerivative) + fk_where(linear, ud, fk_log1p(z));
+  d = T(st.min_derivative) + fk_where(linear, ud, fk_log1p(z));
   if constexpr (GRAD) sig = fk_where(linear, T(1), z / (z + T(1)));
 }
 
 // Softmaxes of both tables into sx, sy (kept for the backward), the bin of v (searched on the
 // y knots going back) and the derivatives at its knots.
+// u: the raw params as the knots see them (rq_raw applied).
 template <bool INVERSE, bool GRAD, typename T, typename U>
-FLOWKERN_HD RqBin<T> rq_locate(const T& v, const U& u, int bins, const T& bound, T* sx, T* sy) {
+FLOWKERN_HD RqBin<T> rq_locate(const T& v, const U& u, int bins, const T& bound, const RqStyle& st, T* sx, T* sy) {
   RqBin<T> b;
   rq_softmax(u, 0, bins, sx);
   rq_softmax(u, bins, bins, sy);
   if constexpr (INVERSE) {
-    rq_table<true>(sy, bins, bound, kRqMinHeight, v, b.k, b.y_lo, b.y_hi);
-    rq_table<false>(sx, bins, bound, kRqMinWidth, v, b.k, b.x_lo, b.x_hi);
+    rq_table<true>(sy, bins, bound, st.min_height, v, b.k, b.y_lo, b.y_hi);
+    rq_table<false>(sx, bins, bound, st.min_width, v, b.k, b.x_lo, b.x_hi);
   } else {
-    rq_table<true>(sx, bins, bound, kRqMinWidth, v, b.k, b.x_lo, b.x_hi);
-    rq_table<false>(sy, bins, bound, kRqMinHeight, v, b.k, b.y_lo, b.y_hi);
+    rq_table<true>(sx, bins, bound, st.min_width, v, b.k, b.x_lo, b.x_hi);
+    rq_table<false>(sy, bins, bound, st.min_height, v, b.k, b.y_lo, b.y_hi);
   }
   T ud_lo(0), ud_hi(0);
   for (int j = 1; j < bins; ++j) {
@@ -175,8 +203,8 @@ FLOWKERN_HD RqBin<T> rq_locate(const T& v, const U& u, int bins, const T& bound,
     ud_lo = fk_where(b.k == T(j), uj, ud_lo);
     ud_hi = fk_where(b.k == T(j - 1), uj, ud_hi);
   }
-  rq_derivative<GRAD>(ud_lo, b.d_lo, b.sig_lo);
-  rq_derivative<GRAD>(ud_hi, b.d_hi, b.sig_hi);
+  rq_derivative<GRAD>(ud_lo, st, b.d_lo, b.sig_lo);
+  rq_derivative<GRAD>(ud_hi, st, b.d_hi, b.sig_hi);
   b.d_lo = fk_where(b.k == T(0), T(1), b.d_lo);
   b.d_hi = fk_where(b.k == T(bins - 1), T(1), b.d_hi);
   return b;
@@ -210,9 +238,10 @@ struct RqPoint {
 
 // v: the input inside the bound (callers put 0 outside, which keeps unused lanes finite).
 template <bool INVERSE, bool GRADS, typename T, typename U>
-FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound, T* sx, T* sy) {
+FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound, const RqStyle& st, T* sx,
+                                T* sy) {
   RqPoint<T> p;
-  p.b = rq_locate<INVERSE, GRADS>(v, u, bins, bound, sx, sy);
+  p.b = rq_locate<INVERSE, GRADS>(v, u, bins, bound, st, sx, sy);
   p.w = p.b.x_hi - p.b.x_lo;
   p.h = p.b.y_hi - p.b.y_lo;
   p.delta = p.h / p.w;
@@ -229,11 +258,12 @@ FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound
 
 // Forward (INVERSE=false: x -> y, logdet = log dy/dx) or inverse (y -> x, logdet = -log dy/dx)
 // of one element; identity with logdet 0 outside [-bound, bound]. sx, sy: scratch of K values.
-template <bool INVERSE, typename T, typename U>
-FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const T& bound, T* sx, T* sy, T& out,
-                                   T& logdet) {
+template <bool INVERSE, bool CLAMP, typename T, typename U>
+FLOWKERN_HD void rq_spline_forward_style(const T& xin, const U& u_in, int bins, const T& bound, const RqStyle& st,
+                                         T* sx, T* sy, T& out, T& logdet) {
+  const auto u = [&](int i) { return rq_raw<CLAMP>(u_in(i), i, bins, st); };
   const auto inside = (xin >= -bound) & (xin <= bound);
-  const RqPoint<T> p = rq_point<INVERSE, false>(fk_where(inside, xin, T(0)), u, bins, bound, sx, sy);
+  const RqPoint<T> p = rq_point<INVERSE, false>(fk_where(inside, xin, T(0)), u, bins, bound, st, sx, sy);
   const RqBin<T>& b = p.b;
   const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &t = p.t, &th2 = p.th2, &den = p.den, &q = p.q;
   const T r = delta / den;
@@ -243,6 +273,13 @@ FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const T& 
   else o = fk_where(theta == T(1), b.y_hi, b.y_lo + h * ((delta * th2 + b.d_lo * t) / den));
   out = fk_where(inside, o, xin);
   logdet = fk_where(inside, INVERSE ? -log_slope : log_slope, T(0));
+}
+
+template <bool INVERSE, typename T, typename U>
+FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const T& bound, const RqStyle& st, T* sx,
+                                   T* sy, T& out, T& logdet) {
+  if (st.log_slope != 0) rq_spline_forward_style<INVERSE, true>(xin, u, bins, bound, st, sx, sy, out, logdet);
+  else rq_spline_forward_style<INVERSE, false>(xin, u, bins, bound, st, sx, sy, out, logdet);
 }
 
 // Gradients of the raw sizes of one table from those of the bin's two knots (g_lo, g_hi),
@@ -276,11 +313,18 @@ FLOWKERN_HD void rq_size_grads(const T* s, int bins, const T& k, const T& bound,
 // Backward of rq_spline_forward for one element: g = dL/d(out), gld = dL/d(row logdet), xin
 // the op's input. Writes dL/d(xin) to grad_in and dL/d(params i) through store(i, value),
 // i = 0..3K-2.
-template <bool INVERSE, typename T, typename U, typename S>
-FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, const U& u, int bins, const T& bound,
-                                    T* sx, T* sy, T& grad_in, const S& store) {
+template <bool INVERSE, bool CLAMP, typename T, typename U, typename S>
+FLOWKERN_HD void rq_spline_backward_style(const T& g, const T& gld, const T& xin, const U& u_in, int bins,
+                                          const T& bound, const RqStyle& st, T* sx, T* sy, T& grad_in,
+                                          const S& store_in) {
+  const auto u = [&](int i) { return rq_raw<CLAMP>(u_in(i), i, bins, st); };
+  // the gradient of a clamped param goes back through the clamp
+  const auto store = [&](int i, const T& value) {
+    if constexpr (CLAMP) store_in(i, value * rq_raw_grad(u_in(i), i, bins, st));
+    else store_in(i, value);
+  };
   const auto inside = (xin >= -bound) & (xin <= bound);
-  const RqPoint<T> p = rq_point<INVERSE, true>(fk_where(inside, xin, T(0)), u, bins, bound, sx, sy);
+  const RqPoint<T> p = rq_point<INVERSE, true>(fk_where(inside, xin, T(0)), u, bins, bound, st, sx, sy);
   const RqBin<T>& b = p.b;
   const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &om = p.om, &t = p.t, &th2 = p.th2,
           &om2 = p.om2, &den = p.den, &q = p.q;
@@ -314,9 +358,9 @@ FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, cons
   const T l_delta_w = T(2) * t * ((b.d_lo + b.d_hi) * inv_den / delta + inv_q) / w;
   const T dq = delta * (gy * delta * r_delta + gl * l_delta_w);  // delta Q
   const T qh = gy * delta * r_delta + gl * l_delta_w;            // Q
-  rq_size_grads(sx, bins, b.k, bound, kRqMinWidth, dq - om * gx, -(theta * gx + dq), 0, store);
+  rq_size_grads(sx, bins, b.k, bound, st.min_width, dq - om * gx, -(theta * gx + dq), 0, store);
   const T one_minus_r = om * (delta * om + b.d_hi * theta) * inv_den;  // 1 - r without cancellation
-  rq_size_grads(sy, bins, b.k, bound, kRqMinHeight, gy * one_minus_r - qh, gy * r + qh, bins, store);
+  rq_size_grads(sy, bins, b.k, bound, st.min_height, gy * one_minus_r - qh, gy * r + qh, bins, store);
 
   const T two_t_den = T(2) * t * inv_den;
   const T g_dlo = (gy * h * t * om * (delta * om + b.d_hi * theta) * inv_den2 + gl * (om2 * inv_q - two_t_den)) *
@@ -325,6 +369,15 @@ FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, cons
                   b.sig_hi;
   for (int j = 1; j < bins; ++j)
     store(2 * bins + j - 1, fk_where(b.k == T(j), g_dlo, fk_where(b.k == T(j - 1), g_dhi, T(0))));
+}
+
+template <bool INVERSE, typename T, typename U, typename S>
+FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, const U& u, int bins, const T& bound,
+                                    const RqStyle& st, T* sx, T* sy, T& grad_in, const S& store) {
+  if (st.log_slope != 0)
+    rq_spline_backward_style<INVERSE, true>(g, gld, xin, u, bins, bound, st, sx, sy, grad_in, store);
+  else
+    rq_spline_backward_style<INVERSE, false>(g, gld, xin, u, bins, bound, st, sx, sy, grad_in, store);
 }
 
 }  // namespace math

@@ -5,8 +5,9 @@
     outside:                 y = x, log-det 0 (linear tails; the boundary derivatives are 1)
 
 The same function as nflows' unconstrained_rational_quadratic_spline(tails="linear",
-tail_bound=bound) with minimal bin width, height and derivative 1e-3; the full formula is in
-flowkern.reference.rq_spline.
+tail_bound=bound) with minimal bin width, height and derivative 1e-3 by default; the knot style
+keywords (min_width, min_height, min_derivative, derivative, slope) also give nflows' other
+minimums and zuko's MonotonicRQSTransform. The full formula is in flowkern.reference.rq_spline.
 
 Backends: the compiled kernels (csrc/math/rq_spline.h for CPU and CUDA) and the Triton
 kernels keep each element's bins in registers, save only the op's inputs for the backward
@@ -16,6 +17,7 @@ backend runs flowkern.reference.rq_spline_ref under autograd. The kernels take b
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -23,7 +25,7 @@ import torch
 
 from .. import _ext
 from .._backend import BackendUnavailable, get_backend, kernel_dtype, kernel_inputs, resolve
-from ..reference.rq_spline import MIN_HEIGHT, MIN_WIDTH, params_per_element, rq_spline_ref
+from ..reference.rq_spline import MIN_DERIVATIVE, MIN_HEIGHT, MIN_WIDTH, params_per_element, rq_spline_ref
 from . import _checks
 from ._autograd import apply, contiguous_grads, kernel_functions
 from ._vmap import register_row_vmap
@@ -58,6 +60,38 @@ def check_bound(bound) -> float:
     return bound
 
 
+DERIVATIVES = ("softplus", "exp")
+
+
+def check_style(bins: int, min_width, min_height, min_derivative, derivative, slope) -> tuple:
+    """The knot style checked: (min_width, min_height, min_derivative, exp_derivative, log_slope)."""
+    mins = {}
+    for name, value in (("min_width", min_width), ("min_height", min_height), ("min_derivative", min_derivative)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        mins[name] = float(value)
+    for name in ("min_width", "min_height"):
+        if mins[name] * bins > 1:
+            raise ValueError(f"{name} * bins must be <= 1 (the minimal bins fill [-bound, bound]), got "
+                             f"{name}={mins[name]} with bins={bins}")
+    if derivative not in DERIVATIVES:
+        raise ValueError(f"derivative must be one of {DERIVATIVES}, got {derivative!r}")
+    log_slope = 0.0
+    if slope is not None:
+        if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
+            raise TypeError(f"slope must be a number or None, got {type(slope).__name__}")
+        if not 0 < slope < 1:
+            raise ValueError(f"slope must be in (0, 1) (zuko's minimum slope), got {slope}")
+        log_slope = math.log(slope)
+    elif min(mins["min_width"], mins["min_height"]) == 0 or (derivative == "exp" and mins["min_derivative"] == 0):
+        # softmax and exp underflow to 0 for raw params of a few hundred: a bin or a slope would vanish
+        raise ValueError("min_width, min_height (and min_derivative with derivative='exp') of 0 need slope= "
+                         "(zuko's soft clamp) to keep the bins and slopes away from 0")
+    return mins["min_width"], mins["min_height"], mins["min_derivative"], derivative == "exp", log_slope
+
+
 def rq_spline(
     x: torch.Tensor,
     params: torch.Tensor,
@@ -66,6 +100,11 @@ def rq_spline(
     bound: float = 3.0,
     inverse: bool = False,
     logdet: Optional[torch.Tensor] = None,
+    min_width: float = MIN_WIDTH,
+    min_height: float = MIN_HEIGHT,
+    min_derivative: float = MIN_DERIVATIVE,
+    derivative: str = "softplus",
+    slope: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rational-quadratic spline of x (B, ...) elementwise, with params x.shape + (3 * bins - 1,).
 
@@ -74,10 +113,17 @@ def rq_spline(
     log|dy/dx|, added to `logdet` when one is given. inverse=True applies the inverse map with
     the negated log-det. Finite for every finite x and y (also at the knots, at +-bound and far
     outside it) and for large params (|params| up to 1e4), with finite gradients.
+
+    The knot style (flowkern.reference.rq_spline): bins of at least min_width / min_height of
+    [-bound, bound] and interior derivatives min_derivative + softplus(raw) (nflows' defaults),
+    or derivative="exp": min_derivative + exp(raw); slope= first soft-clamps the raw params as
+    zuko does. zuko's MonotonicRQSTransform(bound=B, slope=s) is bound=B, min_width=0,
+    min_height=0, min_derivative=0, derivative="exp", slope=s.
     """
     _checks.tensor("x", x)
     bins = check_bins(bins)
     bound = check_bound(bound)
+    style = check_style(bins, min_width, min_height, min_derivative, derivative, slope)
     _checks.tensor("params", params)
     expected = tuple(x.shape) + (params_per_element(bins),)
     if tuple(params.shape) != expected:
@@ -104,10 +150,13 @@ def rq_spline(
                                  "use backend 'reference' (or 'auto')")
             impl = "reference"
     if impl == "reference":
-        return rq_spline_ref(x, params, bins=bins, bound=bound, inverse=bool(inverse), logdet=logdet)
+        return rq_spline_ref(x, params, bins=bins, bound=bound, inverse=bool(inverse), logdet=logdet,
+                             min_width=style[0], min_height=style[1], min_derivative=style[2], derivative=derivative,
+                             slope=slope)
     dtype = x.dtype
     x, params = kernel_inputs(kernel_dtype(impl, x.device, dtype), x, params)
-    out, ld = apply(_FUNCTIONS, _run, (x, params, logdet), x, params, logdet, bins, bound, bool(inverse), impl)
+    out, ld = apply(_FUNCTIONS, _run, (x, params, logdet), x, params, logdet, bins, bound, bool(inverse), style,
+                    impl)
     return out.to(dtype), ld
 
 
@@ -119,23 +168,23 @@ def _kernels(impl: str):
     return tk.rq_spline_fwd, tk.rq_spline_bwd
 
 
-def _run(x, params, logdet, bins, bound, inverse, impl):
-    return _kernels(impl)[0](x, params, bins, bound, inverse, logdet)
+def _run(x, params, logdet, bins, bound, inverse, style, impl):
+    return _kernels(impl)[0](x, params, bins, bound, inverse, logdet, *style)
 
 
 def _save(ctx, inputs, outputs):
-    x, params, logdet, bins, bound, inverse, impl = inputs
+    x, params, logdet, bins, bound, inverse, style, impl = inputs
     ctx.save_for_backward(x, params)  # the op's inputs only: the kernels recompute the rest
-    ctx.config = (bins, bound, inverse, impl)
+    ctx.config = (bins, bound, inverse, style, impl)
     ctx.has_logdet = logdet is not None
 
 
 def _backward(ctx, grad_out, grad_logdet):
     x, params = ctx.saved_tensors
-    bins, bound, inverse, impl = ctx.config
+    bins, bound, inverse, style, impl = ctx.config
     grad_out, grad_logdet = contiguous_grads(grad_out, grad_logdet, x)
-    grad_x, grad_params = _kernels(impl)[1](grad_out, grad_logdet, x, params, bins, bound, inverse)
-    return grad_x, grad_params, (grad_logdet if ctx.has_logdet else None), None, None, None, None
+    grad_x, grad_params = _kernels(impl)[1](grad_out, grad_logdet, x, params, bins, bound, inverse, *style)
+    return grad_x, grad_params, (grad_logdet if ctx.has_logdet else None), None, None, None, None, None
 
 
 _FUNCTIONS = kernel_functions("RQSplineFunction", _run, _save, _backward)
@@ -150,11 +199,13 @@ def _register_compiled() -> None:
         return
 
     @torch.library.register_fake("flowkern::rq_spline_fwd")
-    def _fwd_fake(x, params, bins, bound, inverse, logdet):
+    def _fwd_fake(x, params, bins, bound, inverse, logdet, min_width, min_height, min_derivative, exp_derivative,
+                  log_slope):
         return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_checks.logdet_dtype(x.dtype))
 
     @torch.library.register_fake("flowkern::rq_spline_bwd")
-    def _bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse):
+    def _bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse, min_width, min_height, min_derivative,
+                  exp_derivative, log_slope):
         return torch.empty_like(x_in), torch.empty_like(params)
 
     register_row_vmap("flowkern::rq_spline_fwd", FWD_TENSOR_ARGS)

@@ -43,6 +43,18 @@ analytic backward computes), so the inverse of an output is always the spline's.
 
 Log-dets are summed per row over every non-batch dim, in float32 (float64 for float64
 input). Half inputs compute in float32 and round the output once.
+
+Styles of knots (the keywords; the defaults above are nflows' and normflows'):
+
+    min_width, min_height, min_derivative   w_min, h_min, d_min (>= 0; w_min K <= 1, h_min K <= 1)
+    derivative = "softplus"                 d_i = d_min + softplus(ud_{i-1})   (nflows, normflows)
+               = "exp"                      d_i = d_min + exp(ud_{i-1})        (zuko, with d_min = 0)
+    slope = None                            the raw params as they come
+          = s in (0, 1)                     zuko's soft clamp first, with l = log(s) < 0:
+                                            uw <- uw / (1 + |2 uw / l|), uh likewise,
+                                            ud <- ud / (1 + |ud / l|)
+zuko's MonotonicRQSTransform(bound=B, slope=s) is min_width = min_height = min_derivative = 0,
+derivative="exp", slope=s (its knots sum to +B up to rounding; these end exactly at +-B).
 """
 from __future__ import annotations
 
@@ -64,9 +76,13 @@ def params_per_element(bins: int) -> int:
     return 3 * bins - 1
 
 
-def identity_derivative_raw(min_derivative: float = MIN_DERIVATIVE) -> float:
-    """The unnormalised derivative ud with d_min + softplus(ud) = 1 (nflows' boundary constant)."""
+def identity_derivative_raw(min_derivative: float = MIN_DERIVATIVE, derivative: str = "softplus") -> float:
+    """The unnormalised derivative ud with d_min + softplus(ud) = 1 (nflows' boundary constant),
+    or d_min + exp(ud) = 1 for derivative="exp" (a soft clamp keeps 0 at 0)."""
+    if derivative == "exp":
+        return math.log(1.0 - min_derivative)
     return math.log(math.expm1(1.0 - min_derivative))
+
 
 
 def bin_edges(unnormalised: torch.Tensor, bound: float, min_size: float) -> torch.Tensor:
@@ -86,13 +102,22 @@ def spline_knots(
     min_width: float = MIN_WIDTH,
     min_height: float = MIN_HEIGHT,
     min_derivative: float = MIN_DERIVATIVE,
+    derivative: str = "softplus",
+    slope: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(xk, yk, dk), each (..., bins + 1): the knots' x, y and the derivative at each knot."""
     uw, uh, ud = params.split([bins, bins, bins - 1], dim=-1)
+    if slope is not None:
+        log_slope = math.log(slope)
+        # zuko's expressions, to the operation: 2 u / l rounds as (2 u) / l
+        uw = uw / (1 + abs(2 * uw / log_slope))
+        uh = uh / (1 + abs(2 * uh / log_slope))
+        ud = ud / (1 + abs(ud / log_slope))
     xk = bin_edges(uw, bound, min_width)
     yk = bin_edges(uh, bound, min_height)
     one = params.new_ones(params.shape[:-1] + (1,))  # slope 1 at +-bound meets the identity tails
-    dk = torch.cat([one, min_derivative + F.softplus(ud), one], dim=-1)
+    inner = torch.exp(ud) if derivative == "exp" else F.softplus(ud)
+    dk = torch.cat([one, min_derivative + inner, one], dim=-1)
     return xk, yk, dk
 
 
@@ -166,6 +191,8 @@ def rq_spline_ref(
     min_width: float = MIN_WIDTH,
     min_height: float = MIN_HEIGHT,
     min_derivative: float = MIN_DERIVATIVE,
+    derivative: str = "softplus",
+    slope: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference rational-quadratic spline; same signature and result as flowkern.ops.rq_spline.
 
@@ -182,7 +209,7 @@ def rq_spline_ref(
     # Elements outside take the spline at 0 instead: their unused spline branch stays finite
     # (x = 1e38 would give inf/NaN there, which torch.where passes on to the gradient).
     v = torch.where(inside, x, torch.zeros_like(x))
-    xk, yk, dk = spline_knots(params, bins, bound, min_width, min_height, min_derivative)
+    xk, yk, dk = spline_knots(params, bins, bound, min_width, min_height, min_derivative, derivative, slope)
     k = find_bin(yk if inverse else xk, v)
     x_lo, y_lo, d_lo = _at(xk, k), _at(yk, k), _at(dk, k)
     w, h, d_hi = _at(xk, k + 1) - x_lo, _at(yk, k + 1) - y_lo, _at(dk, k + 1)
