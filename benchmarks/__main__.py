@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import common, kernels, lowdim, training
+from . import common, interop, kernels, lowdim, training
 from .chart import training_chart
 from .common import describe_machine, machine, write_results
 
@@ -26,6 +26,7 @@ SUITES = {
     "train": training.train_suite,
     "sample": training.sample_suite,
     "lowdim": lowdim.lowdim_suite,
+    "interop": interop.interop_suite,
 }
 END_TO_END = {"train", "sample"}  # the suites that take --root
 ALIASES = {"realnvp_train": "train"}  # former names

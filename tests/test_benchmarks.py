@@ -229,3 +229,21 @@ def test_lowdim_suite_on_tiny_sizes(monkeypatch):
     assert kinds == {"maf", "nsf", "nsf-ar"}
     assert all(r.extra["aten_ops_per_step"] > 0 and r.extra["sample_per_s"] > 0 for r in rows)
     assert "aten ops / step" in table
+
+
+def test_interop_suite_on_tiny_sizes(monkeypatch):
+    pytest.importorskip("nflows")
+    pytest.importorskip("zuko")
+    from benchmarks import interop, lowdim
+
+    monkeypatch.setattr(interop, "SIZES_QUICK", [(2, 3, 8)])
+    monkeypatch.setattr(lowdim, "LAYERS", 2)
+    rows, table = interop.interop_suite("cpu", True, 0.01)
+    runs = {(r.case.split(" ", 3)[-1], r.impl) for r in rows}
+    assert {("nflows nsf", "accelerated"), ("zuko nsf", "floor"), ("nflows maf_rqs", "plain")} <= runs
+    fast = [r for r in rows if r.impl == "accelerated"]
+    assert fast and all(r.extra["aten_ops_per_step"] > 0 and "gain_taken" in r.extra for r in fast)
+    # the accelerated models run fewer aten ops than the plain ones
+    plain = {r.case: r.extra["aten_ops_per_step"] for r in rows if r.impl == "plain"}
+    assert all(r.extra["aten_ops_per_step"] < plain[r.case] for r in fast)
+    assert "gain taken" in table

@@ -1,7 +1,12 @@
 """Triton kernels for the rational-quadratic spline (Neural Spline Flows): forward, inverse, backward.
 
 A restatement of flowkern/reference/rq_spline.py (the ground truth: nflows' linear-tail spline,
-minimal bin width/height/derivative 1e-3, boundary derivatives 1, identity outside [-B, B]).
+boundary derivatives 1, identity outside [-B, B]), with its styles of knots as runtime arguments:
+the minimal bin width, height and derivative (w_min, h_min, d_min; nflows' 1e-3 by default), the
+interior derivative d = d_min + softplus(u) or d_min + exp(u) (EXP_D, a compile-time flag), and
+zuko's soft clamp of the raw params first, u <- u / (1 + |a u|) with a = 2 / l for widths and
+heights and a = 1 / l for derivatives, l = log_slope < 0 (CLAMP = log_slope != 0, a compile-time
+flag). The minima and log_slope are runtime scalars, so changing them compiles nothing.
 
 Layout: a 2-D grid (row, program in the row); each program walks blocks of BLOCK elements of
 its row. Per element it loads its params as three (BLOCK, KP) tiles (widths, heights,
@@ -36,7 +41,8 @@ g_d0/1 likewise, and through theta = (x - x_k) / W, s = H / W, W = x_{k+1} - x_k
 Knot j (1..K-1) is -B + 2B sum_{i<j} w_i (the end knots are fixed), so dL/dw_i = 2B (sum of the
 interior knot gradients with j > i); w = m + (1 - K m) softmax(u) gives
 dL/du_j = (1 - K m) p_j (dL/dw_j - sum_i dL/dw_i p_i); d_j = m_d + softplus(u_{j-1}) gives
-dL/du = dL/dd sigmoid(u).
+dL/du = dL/dd sigmoid(u) (exp: dL/dd exp(u)). Under the soft clamp these are the gradients of the
+clamped params u_c = u / (1 + |a u|), and dL/du = dL/du_c / (1 + |a u|)^2.
 
     forward (inverse=False):  (gy, gl) = (g, gld);       grad_x = g F_x + gld ld_theta / W
     inverse (inverse=True):   G = (g - gld ld_theta / W) / F_x at the recomputed theta;
@@ -51,7 +57,10 @@ its own fp32 rounding of the knots errs as much as the float32 reference, but di
 fails the "2x the float32 reference's error" rule at ~1% of the points. So the exps, the
 softmax normalisation, the knots and the differences that cancel (x - x_k, x_{k+1} - x,
 x_{k+1} - x_k, likewise in y) are fp64 (about 8 K fp64 operations per element on top of 2 K
-fp64 exps); everything else is fp32. theta and 1 - theta are both taken from fp64 distances,
+fp64 exps), as is the soft clamp (from the fp32 params, so the clamped widths and heights are
+the float64 reference's to the last bit; the clamped derivative params are rounded to fp32);
+everything else is fp32. w_min, h_min and log_slope are fp64 kernel arguments (the minimal sizes
+enter the fp64 knots; d_min is fp32, like the derivatives). theta and 1 - theta are both taken from fp64 distances,
 the inverse solves the quadratic from the nearer knot, the output is formed from the nearer
 knot (exact at knots and +-B), and the softmax backward is written with partial sums of the
 probabilities (no difference of nearly equal terms when they saturate or when the two knot
@@ -64,6 +73,7 @@ The log-det is float32, or float64 for float64 inputs: each program writes the f
 of its elements and a second kernel adds a row's partials in a fixed order (deterministic) into
 the running log-det; a row that fits in one program writes its log-det directly.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -78,10 +88,9 @@ from ._common import logdet_dtype, on_input_device, register_interpreter_fakes, 
 
 __all__ = ["rq_spline_fwd", "rq_spline_bwd"]
 
-# Fixed by the op's definition (never varied), so compile-time constants cost no recompiles.
-_MIN_W = tl.constexpr(MIN_WIDTH)
-_MIN_H = tl.constexpr(MIN_HEIGHT)
-_MIN_D = tl.constexpr(MIN_DERIVATIVE)
+# The launchers' style arguments (min_width, min_height, min_derivative, exp_derivative, log_slope)
+# of the default style, nflows': the kernels' results before styles existed, bit for bit.
+DEFAULT_STYLE = (MIN_WIDTH, MIN_HEIGHT, MIN_DERIVATIVE, False, 0.0)
 
 # Positions of the tensor arguments of the fwd / bwd ops, for their vmap rules.
 FWD_TENSOR_ARGS = (0, 1, 5)
@@ -95,7 +104,8 @@ _MAX_PROGRAMS_PER_ROW = 65535  # CUDA's limit on grid dim 1; longer rows loop
 
 @triton.jit
 def _softmax_tile(u, valid):
-    """Row-wise softmax of a (BLOCK, KP) tile, fp64 from fp32 exps; padded columns get 0."""
+    """Row-wise softmax of a (BLOCK, KP) tile (fp32, or fp64 after the soft clamp), fp64 exps;
+    padded columns get 0."""
     um = tl.where(valid, u, float("-inf"))
     mx = tl.max(um, axis=1)
     e = tl.where(valid, tl.exp(um.to(tl.float64) - mx.to(tl.float64)[:, None]), 0.0)
@@ -104,10 +114,10 @@ def _softmax_tile(u, valid):
 
 
 @triton.jit
-def _right_knots(prob, cols, bound, MIN_SIZE: tl.constexpr, BINS: tl.constexpr):
+def _right_knots(prob, cols, bound, min_size, BINS: tl.constexpr):
     """(BLOCK, KP) fp64: column j holds knot j + 1, the right edge of bin j; column BINS - 1 is
-    exactly +bound, and knot 0 = -bound is implicit."""
-    sizes = MIN_SIZE + (1.0 - MIN_SIZE * BINS) * prob
+    exactly +bound, and knot 0 = -bound is implicit. min_size is the fp64 runtime minimum."""
+    sizes = min_size + (1.0 - min_size * BINS) * prob
     sizes = tl.where(cols < BINS, sizes, 0.0)
     cum = tl.cumsum(sizes, axis=1)
     # bound, an fp32 scalar, promotes exactly to fp64 against the fp64 tile
@@ -131,11 +141,28 @@ def _softplus(u):
 
 
 @triton.jit
-def _bin_terms(v64, params_ptr, pbase, mask, bound, BINS: tl.constexpr, INVERSE: tl.constexpr,
+def _clamp_tile(u, log_slope, TWO: tl.constexpr):
+    """zuko's soft clamp of an fp32 tile in fp64, to the operation as the reference writes it:
+    u / (1 + |2 u / l|) (TWO) or u / (1 + |u / l|), with (2 u) / l rounded as one division (2 u is
+    exact). Returns (the clamped tile, fp64; its derivative 1 / (1 + |...|)^2, fp32)."""
+    u64 = u.to(tl.float64)
+    if TWO:
+        den = 1.0 + tl.abs((2.0 * u64) / log_slope)
+    else:
+        den = 1.0 + tl.abs(u64 / log_slope)
+    inv = 1.0 / den
+    return u64 / den, (inv * inv).to(tl.float32)
+
+
+@triton.jit
+def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
+               BINS: tl.constexpr, INVERSE: tl.constexpr, EXP_D: tl.constexpr, CLAMP: tl.constexpr,
                KP: tl.constexpr, KDP: tl.constexpr):
     """The bin k of each v64 (on the x knots, or the y knots going back) and its terms:
     k; x_k, x_k+1, y_k, y_k+1 (fp64); d_k, d_k+1; the softmax probabilities of widths and heights
-    (fp32 tiles); the raw derivative tile; the column indices of the two tile widths."""
+    (fp32 tiles); the derivative tile's d(d_min + f(u_c))/du, the chain of f' and the clamp's
+    derivative (fp32); the column indices of the two tile widths; the clamp's derivative tiles
+    of the width and height params (fp32; unused, the raw tiles, without CLAMP)."""
     cw = tl.arange(0, KP)[None, :]
     cd = tl.arange(0, KDP)[None, :]
     vw = mask[:, None] & (cw < BINS)
@@ -143,10 +170,20 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, BINS: tl.constexpr, INVERSE:
     uw = tl.load(params_ptr + pbase[:, None] + cw, mask=vw, other=0.0).to(tl.float32)
     uh = tl.load(params_ptr + pbase[:, None] + BINS + cw, mask=vw, other=0.0).to(tl.float32)
     ud = tl.load(params_ptr + pbase[:, None] + 2 * BINS + cd, mask=vd, other=0.0).to(tl.float32)
+    if CLAMP:
+        # fp64 from the fp32 params: the clamped widths and heights are the float64 reference's
+        # (padded columns are 0 and stay 0); the derivatives' are rounded to fp32 once.
+        uw, fw = _clamp_tile(uw, log_slope, True)
+        uh, fh = _clamp_tile(uh, log_slope, True)
+        ud64, fd = _clamp_tile(ud, log_slope, False)
+        ud = ud64.to(tl.float32)
+    else:
+        fw = uw
+        fh = uh
     pw = _softmax_tile(uw, cw < BINS)
     ph = _softmax_tile(uh, cw < BINS)
-    xr = _right_knots(pw, cw, bound, _MIN_W, BINS)
-    yr = _right_knots(ph, cw, bound, _MIN_H, BINS)
+    xr = _right_knots(pw, cw, bound, min_width, BINS)
+    yr = _right_knots(ph, cw, bound, min_height, BINS)
     if INVERSE:
         search = yr
     else:
@@ -161,10 +198,19 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, BINS: tl.constexpr, INVERSE:
     x_hi = _pick(xr, cw, k)
     y_lo = tl.where(k == 0, -bound, _pick(yr, cw, k - 1))
     y_hi = _pick(yr, cw, k)
-    dtile = _MIN_D + _softplus(ud)
+    if EXP_D:
+        e_d = tl.exp(ud)
+        dtile = min_derivative + e_d
+        dd_du = e_d  # d/du exp(u) = exp(u)
+    else:
+        dtile = min_derivative + _softplus(ud)
+        dd_du = tl.sigmoid(ud)
+    if CLAMP:
+        dd_du = dd_du * fd
     d_lo = tl.where(k == 0, 1.0, _pick(dtile, cd, k - 1))
     d_hi = tl.where(k == BINS - 1, 1.0, _pick(dtile, cd, k))
-    return k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, pw.to(tl.float32), ph.to(tl.float32), ud, cw, cd
+    return (k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, pw.to(tl.float32), ph.to(tl.float32), dd_du, cw, cd,
+            fw, fh)
 
 
 @triton.jit
@@ -222,8 +268,17 @@ def _rq_spline_fwd_kernel(
     N,  # elements per row, which is also the row stride of the contiguous (B, N) view
     P,  # programs per row (grid dim 1): program p handles blocks p, p + P, p + 2P, ...
     bound,  # runtime float so that changing it does not trigger a recompile
+    # The knots' style, runtime scalars (no recompile per value): the minimal bin width and
+    # height (fp64: they enter the fp64 knots), the minimal derivative (fp32, like the
+    # derivatives), and l = log(slope) of zuko's soft clamp (fp64; read only with CLAMP).
+    min_width: tl.float64,
+    min_height: tl.float64,
+    min_derivative: tl.float32,
+    log_slope: tl.float64,
     BINS: tl.constexpr,
     INVERSE: tl.constexpr,
+    EXP_D: tl.constexpr,  # interior derivatives d_min + exp(u) (else d_min + softplus(u))
+    CLAMP: tl.constexpr,  # log_slope != 0: soft-clamp the raw params first
     HAS_LOGDET: tl.constexpr,
     DIRECT: tl.constexpr,  # P == 1: write the row's log-det here, no second kernel
     BLOCK: tl.constexpr,
@@ -246,8 +301,9 @@ def _rq_spline_fwd_kernel(
         inside = (xin >= -bound) & (xin <= bound)
         v = tl.where(inside, xin.to(tl.float64), 0.0)
         pbase = idx * (3 * BINS - 1)
-        k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, _pw, _ph, _ud, _cw, _cd = _bin_terms(
-            v, params_ptr, pbase, mask, bound, BINS, INVERSE, KP, KDP)
+        k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, _pw, _ph, _dd, _cw, _cd, _fw, _fh = _bin_terms(
+            v, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
+            BINS, INVERSE, EXP_D, CLAMP, KP, KDP)
         w = (x_hi - x_lo).to(tl.float32)
         h = (y_hi - y_lo).to(tl.float32)
         delta = h / w
@@ -304,9 +360,10 @@ def _rq_spline_logdet_kernel(
 
 
 @triton.jit
-def _size_grads(g_lo, g_hi, g_sum, k, prob, cols, BINS: tl.constexpr, MIN_SIZE: tl.constexpr):
+def _size_grads(g_lo, g_hi, g_sum, k, prob, cols, scale, BINS: tl.constexpr):
     """dL/du (BLOCK, KP) of one softmax-sized knot set, from the gradients g_lo, g_hi on the bin's
-    left and right knot and g_sum = g_lo + g_hi computed without cancellation (all times 2B).
+    left and right knot and g_sum = g_lo + g_hi computed without cancellation (all times 2B);
+    scale = 1 - K m, fp32.
 
     Knot j = -B + 2B sum_{i<j} size_i for interior j, so dL/dsize_i = al [i < k] + b [i == k]
     with b = g_hi and al = g_sum when knot k + 1 is interior, else b = 0 and al = g_lo. The
@@ -323,7 +380,7 @@ def _size_grads(g_lo, g_hi, g_sum, k, prob, cols, BINS: tl.constexpr, MIN_SIZE: 
     p_k = tl.sum(tl.where(cols == kk, prob, 0.0), axis=1)[:, None]
     centred = tl.where(cols < kk, a * p_k + al * above,
                        tl.where(cols == kk, b * above - a * below, -(al * below + b * p_k)))
-    return tl.where(cols < BINS, (1.0 - MIN_SIZE * BINS) * prob * centred, 0.0)
+    return tl.where(cols < BINS, scale * prob * centred, 0.0)
 
 
 @triton.jit
@@ -337,8 +394,17 @@ def _rq_spline_bwd_kernel(
     N,  # elements per row, which is also the row stride of the contiguous (B, N) view
     P,  # programs per row (grid dim 1): program p handles blocks p, p + P, p + 2P, ...
     bound,  # runtime float so that changing it does not trigger a recompile
+    # The knots' style, runtime scalars (no recompile per value): the minimal bin width and
+    # height (fp64: they enter the fp64 knots), the minimal derivative (fp32, like the
+    # derivatives), and l = log(slope) of zuko's soft clamp (fp64; read only with CLAMP).
+    min_width: tl.float64,
+    min_height: tl.float64,
+    min_derivative: tl.float32,
+    log_slope: tl.float64,
     BINS: tl.constexpr,
     INVERSE: tl.constexpr,
+    EXP_D: tl.constexpr,  # interior derivatives d_min + exp(u) (else d_min + softplus(u))
+    CLAMP: tl.constexpr,  # log_slope != 0: soft-clamp the raw params first
     HAS_GRAD_LOGDET: tl.constexpr,
     BLOCK: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= BINS: width of the width/height tiles
@@ -361,8 +427,9 @@ def _rq_spline_bwd_kernel(
         inside = (xin >= -bound) & (xin <= bound)
         v = tl.where(inside, xin.to(tl.float64), 0.0)
         pbase = idx * (3 * BINS - 1)
-        k, x_lo, x_hi, y_lo, y_hi, d0, d1, pw, ph, ud, cw, cd = _bin_terms(
-            v, params_ptr, pbase, mask, bound, BINS, INVERSE, KP, KDP)
+        k, x_lo, x_hi, y_lo, y_hi, d0, d1, pw, ph, dd_du, cw, cd, fw, fh = _bin_terms(
+            v, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
+            BINS, INVERSE, EXP_D, CLAMP, KP, KDP)
         w = (x_hi - x_lo).to(tl.float32)
         h = (y_hi - y_lo).to(tl.float32)
         s = h / w
@@ -417,10 +484,15 @@ def _rq_spline_bwd_kernel(
         gx_sum = tl.where(inside, -g_th * rw, 0.0)
         gy_sum = tl.where(inside, gy * two_b, 0.0)
 
-        gpw = _size_grads(gx_lo, gx_hi, gx_sum, k, pw, cw, BINS, _MIN_W)
-        gph = _size_grads(gy_lo, gy_hi, gy_sum, k, ph, cw, BINS, _MIN_H)
+        # 1 - K m rounded once to fp32 (tl.cast also takes the interpreter's Python floats)
+        gpw = _size_grads(gx_lo, gx_hi, gx_sum, k, pw, cw, tl.cast(1.0 - min_width * BINS, tl.float32), BINS)
+        gph = _size_grads(gy_lo, gy_hi, gy_sum, k, ph, cw, tl.cast(1.0 - min_height * BINS, tl.float32), BINS)
+        if CLAMP:
+            # through the soft clamp: d u_c / du = 1 / (1 + |a u|)^2
+            gpw = gpw * fw
+            gph = gph * fh
         gdd = tl.where(cd == (k - 1)[:, None], g_d0[:, None], 0.0) + tl.where(cd == k[:, None], g_d1[:, None], 0.0)
-        gpd = gdd * tl.sigmoid(ud)
+        gpd = gdd * dd_du  # times f'(u_c) (sigmoid or exp) and the clamp's derivative
         vw = mask[:, None] & (cw < BINS)
         vd = mask[:, None] & (cd < BINS - 1)
         gp_ptr = grad_params_ptr + pbase[:, None]
@@ -442,6 +514,18 @@ def _launch_config(cols: int, bins: int) -> Tuple[int, int, int, int, int]:
     return block, kp, kdp, programs, num_warps
 
 
+def _check_style(bins: int, min_width: float, min_height: float, min_derivative: float, log_slope: float) -> None:
+    # The kernels assume these (sizes >= 0 summing to at most the interval, d > 0 before any
+    # rounding, l < 0 or no clamp); the op layer checks the user-facing options first.
+    for name, m in (("min_width", min_width), ("min_height", min_height)):
+        if not (0.0 <= m and m * bins <= 1.0):
+            raise ValueError(f"{name} must be >= 0 with bins * {name} <= 1, got {m} for bins={bins}")
+    if not (0.0 <= min_derivative < math.inf):
+        raise ValueError(f"min_derivative must be finite and >= 0, got {min_derivative}")
+    if not log_slope <= 0.0:
+        raise ValueError(f"log_slope must be < 0 (0: no soft clamp), got {log_slope}")
+
+
 def _check_shapes(x: Tensor, params: Tensor, bins: int) -> None:
     # The kernels index params by x's element count: a mismatch would read out of bounds.
     if bins < 1:
@@ -461,8 +545,14 @@ def _rq_spline_fwd_op(
     bound: float,
     inverse: bool,
     logdet: Optional[Tensor],
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+    exp_derivative: bool,
+    log_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     _check_shapes(x, params, bins)
+    _check_style(bins, min_width, min_height, min_derivative, log_slope)
     rows, cols = rows_cols(x)
     out = torch.empty_like(x)
     logdet_out = torch.empty((rows,), dtype=logdet_dtype(x.dtype), device=x.device)
@@ -489,8 +579,14 @@ def _rq_spline_fwd_op(
         cols,
         programs,
         float(bound),
+        float(min_width),
+        float(min_height),
+        float(min_derivative),
+        float(log_slope),
         BINS=int(bins),
         INVERSE=bool(inverse),
+        EXP_D=bool(exp_derivative),
+        CLAMP=log_slope != 0.0,
         HAS_LOGDET=logdet is not None,
         DIRECT=direct,
         BLOCK=block,
@@ -521,8 +617,14 @@ def _rq_spline_bwd_op(
     bins: int,
     bound: float,
     inverse: bool,
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+    exp_derivative: bool,
+    log_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     _check_shapes(x_in, params, bins)
+    _check_style(bins, min_width, min_height, min_derivative, log_slope)
     if grad_out.shape != x_in.shape or (grad_logdet is not None and grad_logdet.shape != (x_in.shape[0],)):
         raise ValueError(f"grad_out must have x_in's shape {tuple(x_in.shape)} and grad_logdet shape "
                          f"({x_in.shape[0]},)")
@@ -545,8 +647,14 @@ def _rq_spline_bwd_op(
         cols,
         programs,
         float(bound),
+        float(min_width),
+        float(min_height),
+        float(min_derivative),
+        float(log_slope),
         BINS=int(bins),
         INVERSE=bool(inverse),
+        EXP_D=bool(exp_derivative),
+        CLAMP=log_slope != 0.0,
         HAS_GRAD_LOGDET=grad_logdet is not None,
         BLOCK=block,
         KP=kp,
@@ -557,11 +665,13 @@ def _rq_spline_bwd_op(
 
 
 # Shape-only fakes, needed only when the kernels are interpreted (see _common).
-def _rq_spline_fwd_fake(x, params, bins, bound, inverse, logdet):
+def _rq_spline_fwd_fake(x, params, bins, bound, inverse, logdet, min_width, min_height, min_derivative,
+                        exp_derivative, log_slope):
     return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
 
 
-def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse):
+def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse, min_width, min_height,
+                        min_derivative, exp_derivative, log_slope):
     return torch.empty_like(x_in), torch.empty_like(params)
 
 
@@ -580,11 +690,23 @@ def rq_spline_fwd(
     bound: float,
     inverse: bool,
     logdet: Optional[Tensor],
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+    exp_derivative: bool,
+    log_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out like x, logdet of shape (B,), float32 or float64 for float64 x): the spline
     (inverse=True: its inverse) of contiguous x with contiguous params x.shape + (3 bins - 1,),
-    its log-det summed per row and added to `logdet` when given."""
-    return torch.ops.flowkern.rq_spline_fwd_triton(x, params, int(bins), float(bound), bool(inverse), logdet)
+    its log-det summed per row and added to `logdet` when given.
+
+    The knots' style (flowkern.reference.rq_spline's keywords): min_width, min_height,
+    min_derivative; exp_derivative (derivative="exp", else "softplus"); log_slope = log(slope)
+    < 0 of zuko's soft clamp, 0.0 for none (slope=None). DEFAULT_STYLE is nflows'."""
+    return torch.ops.flowkern.rq_spline_fwd_triton(
+        x, params, int(bins), float(bound), bool(inverse), logdet,
+        float(min_width), float(min_height), float(min_derivative), bool(exp_derivative), float(log_slope),
+    )
 
 
 @on_input_device
@@ -596,10 +718,17 @@ def rq_spline_bwd(
     bins: int,
     bound: float,
     inverse: bool,
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+    exp_derivative: bool,
+    log_slope: float,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (grad_x_in like x_in, grad_params like params) from dL/d(out) and dL/d(logdet)
-    (None: zero); x_in is the op's input (x going forward, y going back). The gradient of the
-    incoming running log-det is grad_logdet itself, left to the caller."""
+    (None: zero); x_in is the op's input (x going forward, y going back); the style arguments as
+    rq_spline_fwd's. The gradient of the incoming running log-det is grad_logdet itself, left to
+    the caller."""
     return torch.ops.flowkern.rq_spline_bwd_triton(
-        grad_out, grad_logdet, x_in, params, int(bins), float(bound), bool(inverse)
+        grad_out, grad_logdet, x_in, params, int(bins), float(bound), bool(inverse),
+        float(min_width), float(min_height), float(min_derivative), bool(exp_derivative), float(log_slope),
     )
