@@ -28,6 +28,7 @@ from nflows.transforms.base import CompositeTransform  # noqa: E402
 from nflows.transforms.coupling import (AffineCouplingTransform,  # noqa: E402
                                         PiecewiseRationalQuadraticCouplingTransform)
 from nflows.transforms.lu import LULinear  # noqa: E402
+from nflows.transforms.permutations import RandomPermutation  # noqa: E402
 from nflows.utils.torchutils import create_alternating_binary_mask  # noqa: E402
 
 D, C = 5, 3
@@ -90,7 +91,7 @@ def check_same(plain, fast, run, out_tol=1e-12, grad_tol=1e-11):
 def test_nflows_forward_and_gradients_match(spline_kw):
     plain = nflows_model(spline_kw)
     fast = flowkern.accelerate(plain, inplace=False)
-    assert sum(map(is_accelerated, fast.modules())) == 4 and not any(map(is_accelerated, plain.modules()))
+    assert sum(map(is_accelerated, fast.modules())) == 6 and not any(map(is_accelerated, plain.modules()))
     x, c = data()
     check_same(plain, fast, lambda m: m(x, context=c))
 
@@ -168,10 +169,8 @@ def test_explain_says_what_was_left_and_why():
     model = CompositeTransform([
         PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D), net, tails=None),
         MyCoupling(create_alternating_binary_mask(D), net, tails="linear"),
-        PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D), net, tails="linear",
-                                                    apply_unconditional_transform=True),
         MaskedAffineAutoregressiveTransform(D, 8),
-        LULinear(D),
+        RandomPermutation(D),
     ])
     flowkern.accelerate(model)
     report = explain(model)
@@ -179,10 +178,25 @@ def test_explain_says_what_was_left_and_why():
     assert not report.accelerated
     assert "tails=None" in why["_transforms.0"]
     assert "subclass" in why["_transforms.1"]
-    assert "unconditional" in why["_transforms.2"]
-    assert "no fused version" in why["_transforms.3"] and "no fused version" in why["_transforms.4"]
+    assert "no fused version" in why["_transforms.2"] and "no fused version" in why["_transforms.3"]
     assert "_transforms" not in why  # the composite itself is not a transform to report
     assert "left as they are" in str(report)
+
+
+def test_nflows_coupling_with_an_unconditional_spline():
+    """apply_unconditional_transform=True: the identity features' own spline (a
+    PiecewiseRationalQuadraticCDF with batch-shared params) is fused too, in nflows' order
+    (after the coupling going forward, before it going back)."""
+    torch.manual_seed(0)
+    net = lambda i, o: ResidualNet(i, o, hidden_features=8, context_features=C)  # noqa: E731
+    plain = _jiggle(CompositeTransform([PiecewiseRationalQuadraticCouplingTransform(
+        create_alternating_binary_mask(D), net, num_bins=4, tails="linear", tail_bound=2.0,
+        apply_unconditional_transform=True)]).double())
+    fast = flowkern.accelerate(plain, inplace=False)
+    assert is_accelerated(fast._transforms[0]) and is_accelerated(fast._transforms[0].unconditional_transform)
+    x, c = data()
+    check_same(plain, fast, lambda m: m(x, context=c))
+    check_same(plain, fast, lambda m: m.inverse(x, context=c))
 
 
 def test_accelerate_checks_its_arguments():
@@ -236,3 +250,36 @@ def test_zuko_other_univariates_are_left_with_a_reason():
     report = explain(maf)
     assert not report.accelerated and all("MonotonicAffineTransform" in e.why for e in report.left
                                           if "autoregressive" in e.cls)
+
+
+# ---- normflows ----
+
+def normflows_model(extra=()):
+    nf = pytest.importorskip("normflows")
+    torch.manual_seed(0)
+    flows = [nf.flows.CoupledRationalQuadraticSpline(4, 2, 16, num_bins=5, tail_bound=2.5),
+             nf.flows.AutoregressiveRationalQuadraticSpline(4, 2, 16, num_bins=5, tail_bound=2.5),
+             nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 4]), scale_map="exp"),
+             nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 2]), scale=False), *extra]
+    return _jiggle(nf.NormalizingFlow(nf.distributions.DiagGaussian(4), flows).double())
+
+
+def test_normflows_log_prob_gradients_and_samples_match():
+    plain = normflows_model()
+    fast = flowkern.accelerate(plain, inplace=False)
+    # the coupling, its unconditional CDF, the autoregressive spline and both affine couplings
+    assert sum(map(is_accelerated, fast.modules())) == 5
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 4, generator=g, dtype=torch.float64) * 2
+    x[0] = torch.tensor([2.5, -2.5, 9.0, 0.0], dtype=torch.float64)
+    check_same(plain, fast, lambda m: (m.log_prob(x),))
+    z = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    check_same(plain, fast, lambda m: m.forward_and_log_det(z))  # normflows' sampling direction
+
+
+def test_normflows_sigmoid_affine_is_left_with_a_reason():
+    nf = pytest.importorskip("normflows")
+    model = normflows_model([nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 16, 4]), scale_map="sigmoid")])
+    flowkern.accelerate(model)
+    left = explain(model).left
+    assert len(left) == 1 and "sigmoid" in left[0].why and left[0].name == "flows.4.flows.1"

@@ -10,7 +10,7 @@ instance's class for a subclass whose forward and inverse run on flowkern.ops (t
 and affine kernels). Parameters, buffers, state-dict keys, the module tree and isinstance()
 are unchanged, so a model saved accelerated loads into a plain one and back. A module it does
 not know, a user's own subclass of a known class or an option the kernels do not cover is left
-as it is, and explain() says why. Each peer library has its own module (nflows.py, zuko.py);
+as it is, and explain() says why. Each peer library has its own module (nflows.py, zuko.py, normflows.py);
 a library that is not installed is simply not looked for.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 __all__ = ["Entry", "Report", "accelerate", "explain", "is_accelerated"]
 
 # The peer modules, imported only when their library is: each registers its rules.
-_PEERS = ("nflows", "zuko")
+_PEERS = ("nflows", "zuko", "normflows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ def explain(model: torch.nn.Module) -> Report:
 
 def accelerate(model: torch.nn.Module, *, enable: bool = True, inplace: bool = True,
                verbose: bool = False) -> torch.nn.Module:
-    """Runs the transforms of `model` that flowkern knows (nflows, zuko) on its fused ops.
+    """Runs the transforms of `model` that flowkern knows (nflows, zuko, normflows) on its fused ops.
 
     Returns the model (a deep copy with inplace=False). enable=False undoes it: every
     accelerated module gets its library's own class back. verbose=True prints explain()'s
