@@ -17,6 +17,8 @@ $(VENV)/.toolchain: Makefile
 	# --no-deps: they need nothing else to import what we use (normflows: torch and numpy), and
 	# nflows' declared deps (matplotlib, tensorboard) are not ours.
 	$(VPY) -m pip install --no-deps nflows==0.14 zuko==1.6.0 normflows==1.7.3
+	# sbi (flowkern.sbi, tests/test_sbi.py) with its own dependencies; it keeps the pinned torch.
+	$(VPY) -m pip install sbi==0.27.0
 	touch $@
 
 venv: $(VENV)/.toolchain

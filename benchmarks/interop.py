@@ -99,7 +99,8 @@ def interop_suite(device: str, quick: bool, budget_s: float) -> tuple[list[Row],
     header = ["case", "run", "train step ms", "x plain", "gain taken", "sampling samples/s", "x plain (sampling)",
               "aten ops / step"]
     table = ("### interop: flowkern.accelerate(model) on nflows / zuko models (float32; step = zero_grad, "
-             "-log_prob.mean, backward, Adam; floor = the conditioners and Adam alone; sampling: 1000 draws for "
+             "-log_prob.mean, backward, Adam; floor = the conditioners alone, with Adam over all parameters; sampling: "
+             "1000 draws for "
              "one observation)\n\n" + markdown_table(header, body))
     return rows, table
 
