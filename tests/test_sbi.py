@@ -17,6 +17,12 @@ from flowkern.interop import is_accelerated  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def _sbi_logs_elsewhere(tmp_path, monkeypatch):
+    """sbi's NPE writes TensorBoard logs to ./sbi-logs: keep them out of the clone."""
+    monkeypatch.chdir(tmp_path)
+
 D = 2
 POST_VAR = 0.25 / 1.25
 
