@@ -208,10 +208,55 @@ def test_accelerate_checks_its_arguments():
     assert flowkern.accelerate(m) is m and "no module" in str(explain(m))
 
 
-def test_accelerated_coupling_rejects_image_inputs_clearly():
-    fast = flowkern.accelerate(nflows_model())
-    with pytest.raises(ValueError, match="2-D"):
-        fast._transforms[0](torch.randn(2, D, 1, 1, dtype=torch.float64))
+def test_image_inputs_run_the_library_own_code():
+    from nflows.nn.nets import ConvResidualNet
+
+    torch.manual_seed(0)
+    plain = _jiggle(AffineCouplingTransform(torch.tensor([1, 0, 1, 0]), lambda i, o: ConvResidualNet(
+        i, o, hidden_channels=8, num_blocks=1)).double())
+    fast = flowkern.accelerate(plain, inplace=False)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    check_same(plain, fast, lambda m: m(x))
+    check_same(plain, fast, lambda m: m.inverse(x))
+
+
+def test_uneven_masks_and_no_identity_features():
+    """A mask that steps unevenly gathers its features; a mask of all ones (sbi's nsf on a 1-D
+    theta: mask [1], a conditioner of the context alone) has no identity features at all."""
+    torch.manual_seed(0)
+    net = lambda i, o: ResidualNet(max(i, 1), o, hidden_features=8, context_features=C)  # noqa: E731
+    uneven = _jiggle(CompositeTransform([PiecewiseRationalQuadraticCouplingTransform(
+        torch.tensor([1, 1, 0, 1, 0]), net, num_bins=4, tails="linear", tail_bound=3.0)]).double())
+    fast = flowkern.accelerate(uneven, inplace=False)
+    x, c = data()
+    check_same(uneven, fast, lambda m: m(x, context=c))
+    check_same(uneven, fast, lambda m: m.inverse(x, context=c))
+
+    class ContextOnly(torch.nn.Module):  # sbi's ContextSplineMap: ignores its (B, 0) input
+        hidden_features = 8
+
+        def __init__(self, i, o):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(C, 8), torch.nn.Tanh(), torch.nn.Linear(8, o))
+
+        def forward(self, inputs, context):
+            return self.net(context)
+
+    one = _jiggle(CompositeTransform([PiecewiseRationalQuadraticCouplingTransform(
+        torch.tensor([1]), ContextOnly, num_bins=4, tails="linear", tail_bound=3.0)]).double())
+    fast = flowkern.accelerate(one, inplace=False)
+    assert is_accelerated(fast._transforms[0])
+    x1 = x[:, :1]
+    check_same(one, fast, lambda m: m(x1, context=c))
+    check_same(one, fast, lambda m: m.inverse(x1, context=c))
+
+
+def test_large_lulinear_is_left_to_nflows():
+    small, large = LULinear(8), LULinear(64)
+    flowkern.accelerate(small)
+    flowkern.accelerate(large)
+    assert is_accelerated(small) and not is_accelerated(large)
+    assert "D^4" in explain(large).left[0].why
 
 
 # ---- zuko ----

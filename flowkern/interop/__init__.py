@@ -164,10 +164,10 @@ def accelerate(model: torch.nn.Module, *, enable: bool = True, inplace: bool = T
     for _, module, (rule, _why) in list(_walk(model)):
         cls = type(module)
         if enable and rule is not None and cls is rule.original:
-            module.__class__ = rule.accelerated
             prepare = getattr(rule.accelerated, "_flowkern_prepare", None)
             if prepare is not None:
-                prepare(module)
+                prepare(module)  # before the swap: a failure leaves the module as it was
+            module.__class__ = rule.accelerated
         elif not enable and cls in _ORIGINAL:
             release = getattr(cls, "_flowkern_release", None)
             if release is not None:

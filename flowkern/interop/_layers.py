@@ -16,6 +16,8 @@ from ..ops.rq_spline import KERNEL_MAX_BINS
 def feature_index(indices: torch.Tensor):
     """A slice for indices that step evenly (a view instead of a gather), else the indices."""
     idx = indices.tolist()
+    if not idx:  # no identity features (sbi's nsf on 1-D theta: mask [1])
+        return slice(0, 0)
     if len(idx) == 1:
         return slice(idx[0], idx[0] + 1)
     step = idx[1] - idx[0]
@@ -79,9 +81,9 @@ class CouplingMixin:
             self.__dict__.pop(attr, None)
 
     def _fk_run(self, inputs, context, inverse):
-        if inputs.dim() != 2:
-            raise ValueError(f"flowkern's accelerated {type(self).__name__} takes 2-D inputs, got {inputs.dim()}-D "
-                             "(flowkern.accelerate(model, enable=False) for the library's own code)")
+        if inputs.dim() != 2:  # images (B, C, H, W): the library's own code
+            own = super(CouplingMixin, self)
+            return own.inverse(inputs, context) if inverse else own.forward(inputs, context)
         if inputs.shape[1] != self.features:
             raise ValueError("Expected features = {}, got {}.".format(self.features, inputs.shape[1]))
         identity = inputs[:, self._fk_identity]
@@ -156,6 +158,16 @@ def cdf_check(module) -> Optional[str]:
         return why
     if module.unnormalized_widths.dim() != 2:
         return "a CDF over a multi-dimensional shape (image inputs)"
+    return None
+
+
+LU_MAX_FEATURES = 32  # the placement matrices hold D^2 x D(D+1)/2 entries: 2 MB at 32, 1 GB at 128
+
+
+def lu_check(module) -> Optional[str]:
+    if module.features > LU_MAX_FEATURES:
+        return (f"features={module.features} > {LU_MAX_FEATURES}: the fused assembly's placement matrices grow as "
+                "D^4, and nflows' own index assignments are the cheaper way there")
     return None
 
 

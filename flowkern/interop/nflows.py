@@ -16,8 +16,8 @@ The widths and heights are divided by sqrt(hidden_features) (or hidden_channels)
 
 Where nflows asserts (the spline inverse's negative discriminant, nflows#87), the fused spline
 takes the root of a discriminant written as a sum of squares and stays finite.
-Left as they are: tails=None (nflows' [0, 1] domain with learned end slopes), image (4-D)
-inputs, and every other transform.
+Left as they are: tails=None (nflows' [0, 1] domain with learned end slopes), LULinear above 32
+features, and every other transform; image (4-D) inputs of a coupling run nflows' own code.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from nflows.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
 
 from . import register, register_family
 from ._layers import (LUAssembly, RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, SigmoidAffineCouplingMixin, cdf_check,
-                      coupling_check, rq_coupling_check, spline_check)
+                      coupling_check, lu_check, rq_coupling_check, spline_check)
 
 
 class AcceleratedRQCoupling(RQCouplingMixin, PiecewiseRationalQuadraticCouplingTransform):
@@ -56,5 +56,5 @@ register(PiecewiseRationalQuadraticCouplingTransform, AcceleratedRQCoupling, rq_
 register(AffineCouplingTransform, AcceleratedAffineCoupling, coupling_check)
 register(MaskedPiecewiseRationalQuadraticAutoregressiveTransform, AcceleratedMaskedRQAutoregressive, spline_check)
 register(PiecewiseRationalQuadraticCDF, AcceleratedRQCDF, cdf_check)
-register(LULinear, AcceleratedLULinear, lambda module: None)
+register(LULinear, AcceleratedLULinear, lu_check)
 register_family("nflows", Transform, (CompositeTransform, MultiscaleCompositeTransform, InverseTransform))
