@@ -31,11 +31,12 @@ _PEERS = ("nflows", "zuko", "normflows")
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """How one class of a peer library is accelerated: `check(module)` returns None when the
-    module is covered, else the reason it is not; `accelerated` is the subclass swapped in."""
+    module is covered, else the reason it is not (no check: every option is covered);
+    `accelerated` is the subclass swapped in."""
 
     original: type
     accelerated: type
-    check: Callable[[torch.nn.Module], Optional[str]]
+    check: Optional[Callable[[torch.nn.Module], Optional[str]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,8 @@ _ORIGINAL: Dict[type, type] = {}   # accelerated subclass -> original class
 _FAMILIES: List[Tuple[str, type, tuple]] = []  # (library, base class, containers not to report)
 
 
-def register(original: type, accelerated: type, check: Callable[[torch.nn.Module], Optional[str]]) -> None:
+def register(original: type, accelerated: type,
+             check: Optional[Callable[[torch.nn.Module], Optional[str]]] = None) -> None:
     _RULES[original] = Rule(original, accelerated, check)
     _ORIGINAL[accelerated] = original
 
@@ -111,7 +113,7 @@ def _classify(module: torch.nn.Module) -> Optional[Tuple[Optional[Rule], str]]:
     original = _ORIGINAL.get(cls, cls)
     rule = _RULES.get(original)
     if rule is not None:
-        why = rule.check(module)
+        why = rule.check(module) if rule.check is not None else None
         return (None, why) if why else (rule, "fused flowkern ops")
     for library, base, containers in _FAMILIES:
         if isinstance(module, base) and not isinstance(module, containers):

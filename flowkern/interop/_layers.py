@@ -142,16 +142,6 @@ class RQCDFMixin:
         return ops.rq_spline(inputs, params, inverse=inverse, **spline_style(self))
 
 
-def coupling_check(module) -> Optional[str]:
-    """Couplings call their unconditional transform as the module it is (fused itself or not),
-    so every option of the coupling's own part is covered."""
-    return None
-
-
-def rq_coupling_check(module) -> Optional[str]:
-    return spline_check(module) or coupling_check(module)
-
-
 def cdf_check(module) -> Optional[str]:
     why = spline_check(module)
     if why:

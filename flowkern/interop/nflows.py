@@ -29,7 +29,7 @@ from nflows.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
 
 from . import register, register_family
 from ._layers import (LUAssembly, RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, SigmoidAffineCouplingMixin, cdf_check,
-                      coupling_check, lu_check, rq_coupling_check, spline_check)
+                      lu_check, spline_check)
 
 
 class AcceleratedRQCoupling(RQCouplingMixin, PiecewiseRationalQuadraticCouplingTransform):
@@ -52,8 +52,9 @@ class AcceleratedLULinear(LUAssembly, LULinear):
     pass
 
 
-register(PiecewiseRationalQuadraticCouplingTransform, AcceleratedRQCoupling, rq_coupling_check)
-register(AffineCouplingTransform, AcceleratedAffineCoupling, coupling_check)
+# a coupling calls its unconditional transform as the module it is (fused itself or not)
+register(PiecewiseRationalQuadraticCouplingTransform, AcceleratedRQCoupling, spline_check)
+register(AffineCouplingTransform, AcceleratedAffineCoupling)
 register(MaskedPiecewiseRationalQuadraticAutoregressiveTransform, AcceleratedMaskedRQAutoregressive, spline_check)
 register(PiecewiseRationalQuadraticCDF, AcceleratedRQCDF, cdf_check)
 register(LULinear, AcceleratedLULinear, lu_check)

@@ -27,7 +27,7 @@ from normflows.flows.reshape import Merge, Split
 
 from .. import ops
 from . import register, register_family
-from ._layers import RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, cdf_check, rq_coupling_check, spline_check
+from ._layers import RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, cdf_check, spline_check
 
 
 class AcceleratedRQCoupling(RQCouplingMixin, PiecewiseRationalQuadraticCoupling):
@@ -69,7 +69,7 @@ def _affine_check(module) -> Optional[str]:
     return None
 
 
-register(PiecewiseRationalQuadraticCoupling, AcceleratedRQCoupling, rq_coupling_check)
+register(PiecewiseRationalQuadraticCoupling, AcceleratedRQCoupling, spline_check)
 register(MaskedPiecewiseRationalQuadraticAutoregressive, AcceleratedMaskedRQAutoregressive, spline_check)
 register(PiecewiseRationalQuadraticCDF, AcceleratedRQCDF, cdf_check)
 register(AffineCoupling, AcceleratedAffineCoupling, _affine_check)
