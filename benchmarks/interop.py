@@ -1,7 +1,7 @@
 """python -m benchmarks --only interop: flowkern.accelerate on the models people already have.
 
 Each library's model (nflows' coupling NSF as sbi's build_nsf makes it, nflows' autoregressive
-spline as build_maf_rqs, zuko's NSF) plain and accelerated (a deep copy, same weights), and its
+spline as build_maf_rqs, nflows' MAF as build_maf, zuko's NSF and MAF) plain and accelerated (a deep copy, same weights), and its
 floor: the same conditioner networks run on inputs of the same shapes and nothing else, with
 Adam over all the model's parameters (what no acceleration of the flow's own arithmetic can go
 below). Training steps and sampling interleaved in one run; "gain taken" = (plain - accelerated) / (plain - floor).
@@ -21,7 +21,8 @@ from flowkern.interop import is_accelerated
 from .common import Row, interleaved_medians, markdown_table
 from .lowdim import aten_ops, nflows_model, sampler, training_step, zuko_model
 
-MODELS = {"nflows nsf": ("nflows", "nsf"), "nflows maf_rqs": ("nflows", "nsf-ar"), "zuko nsf": ("zuko", "nsf-ar")}
+MODELS = {"nflows nsf": ("nflows", "nsf"), "nflows maf_rqs": ("nflows", "nsf-ar"), "nflows maf": ("nflows", "maf"),
+          "zuko nsf": ("zuko", "nsf-ar"), "zuko maf": ("zuko", "maf")}
 SIZES_QUICK = [(5, 20, 256)]
 SIZES_FULL = [(2, 10, 50), (5, 20, 256), (10, 50, 512), (20, 100, 1024)]
 

@@ -174,15 +174,25 @@ inline math::RqStyle rq_style(int64_t bins, double min_width, double min_height,
 // kernel's inner loop is branch-free: f(std::integral_constant<int, MODE>, std::bool_constant<INVERSE>).
 template <typename F>
 void dispatch_affine_mode(int64_t mode, bool inverse, F&& f) {
-  TORCH_CHECK(mode >= 0 && mode <= 2, "flowkern: affine_coupling mode must be 0 (exp), 1 (sigmoid) or 2 (tanh), got ",
-              mode);
+  TORCH_CHECK(mode >= 0 && mode < math::kAffineModes, "flowkern: affine_coupling mode must be 0 (exp), 1 (sigmoid), "
+              "2 (tanh), 3 (softplus) or 4 (rational), got ", mode);
   auto with_inv = [&](auto mode_c) {
     if (inverse) f(mode_c, std::true_type{});
     else f(mode_c, std::false_type{});
   };
-  if (mode == 0) with_inv(std::integral_constant<int, 0>{});
-  else if (mode == 1) with_inv(std::integral_constant<int, 1>{});
-  else with_inv(std::integral_constant<int, 2>{});
+  switch (mode) {
+    case 0: with_inv(std::integral_constant<int, 0>{}); break;
+    case 1: with_inv(std::integral_constant<int, 1>{}); break;
+    case 2: with_inv(std::integral_constant<int, 2>{}); break;
+    case 3: with_inv(std::integral_constant<int, 3>{}); break;
+    default: with_inv(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// A saved factor only for the modes whose backward takes one (math::affine_saves_factor).
+inline void check_affine_factor(int64_t mode, bool uses_factor) {
+  TORCH_CHECK(!uses_factor || math::affine_saves_factor(static_cast<int>(mode)),
+              "flowkern: affine_coupling mode ", mode, " saves no factor (save_factor / is_factor must be false)");
 }
 
 // The launchers each device provides (csrc/cpu, csrc/cuda), with the schemas' signatures.

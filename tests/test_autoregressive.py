@@ -218,7 +218,7 @@ def test_layer_arguments_are_checked_before_any_work():
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
     for make, match in ((lambda: fnn.MaskedAutoregressiveAffine(0), "features"),
-                        (lambda: fnn.MaskedAutoregressiveAffine(3, scale="softplus"), "scale"),
+                        (lambda: fnn.MaskedAutoregressiveAffine(3, scale="softsign"), "scale"),
                         (lambda: fnn.MaskedAutoregressiveSpline(3, bins=0), "bins"),
                         (lambda: fnn.MaskedAutoregressiveAffine(3, inverse_autoregressive="no"), "inverse_autoregressive"),
                         (lambda: MADE(3, 2, layout="rows"), "layout")):

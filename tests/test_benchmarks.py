@@ -240,7 +240,8 @@ def test_interop_suite_on_tiny_sizes(monkeypatch):
     monkeypatch.setattr(lowdim, "LAYERS", 2)
     rows, table = interop.interop_suite("cpu", True, 0.01)
     runs = {(r.case.split(" ", 3)[-1], r.impl) for r in rows}
-    assert {("nflows nsf", "accelerated"), ("zuko nsf", "floor"), ("nflows maf_rqs", "plain")} <= runs
+    assert {("nflows nsf", "accelerated"), ("zuko nsf", "floor"), ("nflows maf_rqs", "plain"), ("nflows maf", "accelerated"),
+            ("zuko maf", "accelerated")} <= runs
     fast = [r for r in rows if r.impl == "accelerated"]
     assert fast and all(r.extra["aten_ops_per_step"] > 0 and "gain_taken" in r.extra for r in fast)
     # the accelerated models run fewer aten ops than the plain ones

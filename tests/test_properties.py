@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 import flowkern
 from flowkern import ops
 from flowkern import reference as R
-from flowkern.reference.affine_coupling import affine_coupling_merge_ref
+from flowkern.reference.affine_coupling import SCALES, affine_coupling_merge_ref
 
 from conftest import kernel_backends
 # The ops' calls, conditions and checks (shared with the per-op tests' fixed cases):
@@ -211,13 +211,14 @@ def max_exp(dtype) -> int:
 @st.composite
 def affine_cases(draw, backend, device):
     shape, dtype, layout, seed = draw(common(backend, device))
-    scale = draw(st.sampled_from(["exp", "sigmoid", "tanh"]))
-    clamp = draw(st.sampled_from([2.0, 0.1, 1e-3, 10.0, 80.0])) if scale == "tanh" else 2.0
+    scale = draw(st.sampled_from(SCALES))
+    clamp = draw(st.sampled_from([2.0, 0.1, 1e-3, 10.0, 80.0])) if scale in ("tanh", "rational") else 2.0
     top = max_exp(dtype)
     x_exp = draw(exponent_range(-top, top))
     t_exp = draw(exponent_range(-top, top))
-    # exp(s) must stay finite in float32 (|s| <= 80); sigmoid and tanh take any s.
-    s_top = {"exp": 1, "sigmoid": 4, "tanh": 4}[scale] if dtype != torch.float16 else 0
+    # exp(s) must stay finite in float32 (|s| <= 80); the other scales take any s (softplus's
+    # m = s up to 1e4 above 20).
+    s_top = {"exp": 1, "sigmoid": 4, "tanh": 4, "softplus": 4, "rational": 4}[scale] if dtype != torch.float16 else 0
     s_exp = draw(exponent_range(-6, s_top))
     with_logdet = draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
@@ -237,11 +238,11 @@ def affine_cases(draw, backend, device):
 @st.composite
 def merge_cases(draw, backend, device):
     shape, dtype, layout, seed = draw(common(backend, device, channels=True, max_elems=8192))
-    scale = draw(st.sampled_from(["exp", "sigmoid", "tanh"]))
-    clamp = draw(st.sampled_from([2.0, 0.1, 80.0])) if scale == "tanh" else 2.0
+    scale = draw(st.sampled_from(SCALES))
+    clamp = draw(st.sampled_from([2.0, 0.1, 80.0])) if scale in ("tanh", "rational") else 2.0
     top = max_exp(dtype)
     k = draw(st.integers(0, 4))
-    s_top = {"exp": 1, "sigmoid": 4, "tanh": 4}[scale] if dtype != torch.float16 else 0
+    s_top = {"exp": 1, "sigmoid": 4, "tanh": 4, "softplus": 4, "rational": 4}[scale] if dtype != torch.float16 else 0
     g = torch.Generator().manual_seed(seed)
     rows, c, spatial = shape[0], shape[1], tuple(shape[2:])
     shift = log_uniform(g, shape, *draw(exponent_range(-top, top)))

@@ -79,7 +79,7 @@ CASES = [
     ("affine_coupling", "shift device", meta(1), ValueError, "shift"),
     ("affine_coupling", "scale_raw shape", positional(2, t(B + 1, D)), ValueError, "scale_raw"),
     ("affine_coupling", "scale_raw device", meta(2), ValueError, "scale_raw"),
-    ("affine_coupling", "scale name", keyword("scale", "softplus"), ValueError, "scale"),
+    ("affine_coupling", "scale name", keyword("scale", "softsign"), ValueError, "scale"),
     ("affine_coupling", "clamp 0", keyword("clamp", 0.0), ValueError, "clamp"),
     ("affine_coupling", "clamp nan", keyword("clamp", math.nan), ValueError, "clamp"),
     ("affine_coupling", "clamp inf", keyword("clamp", math.inf), ValueError, "clamp"),

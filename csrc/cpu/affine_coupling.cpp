@@ -142,6 +142,7 @@ template <typename scalar_t>
 void run_fwd(AffineFwdRows<scalar_t> a, const std::optional<at::Tensor>& logdet, at::Tensor& ld, int64_t mode,
              bool inverse, int64_t rows, int64_t n, double clamp) {
   const scalar_t* ld_in = logdet.has_value() ? logdet->data_ptr<scalar_t>() : nullptr;
+  check_affine_factor(mode, a.factor != nullptr);
   dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
     fwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value>(a, ld.data_ptr<scalar_t>(), ld_in, rows, n,
                                                                           static_cast<scalar_t>(clamp));
@@ -152,6 +153,7 @@ template <typename scalar_t>
 void run_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor>& grad_logdet, bool is_factor, int64_t mode,
              bool inverse, int64_t rows, int64_t n, double clamp) {
   const scalar_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<scalar_t>() : nullptr;
+  check_affine_factor(mode, is_factor);
   dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
     auto run = [&](auto from_factor_c) {
       bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, decltype(from_factor_c)::value>(
@@ -161,7 +163,7 @@ void run_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor>& 
       bwd_rows<scalar_t, decltype(mode_c)::value, decltype(inv_c)::value, false, true>(a, gld, rows, n,
                                                                                        static_cast<scalar_t>(clamp));
     } else if (is_factor) {
-      run(std::true_type{});
+      if constexpr (affine_saves_factor(decltype(mode_c)::value)) run(std::true_type{});
     } else {
       run(std::false_type{});
     }

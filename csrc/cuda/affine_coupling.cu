@@ -85,6 +85,7 @@ void launch_fwd(const AffineFwdRows<scalar_t>& a, const std::optional<at::Tensor
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t* ld_in = logdet.has_value() ? logdet->data_ptr<acc_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  check_affine_factor(mode, a.factor != nullptr);
   dispatch_affine_mode(mode, inverse, [&](auto mode_c, auto inv_c) {
     affine_coupling_fwd_kernel<scalar_t, acc_t, decltype(mode_c)::value, decltype(inv_c)::value>
         <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(a, ld.data_ptr<acc_t>(), ld_in, n,
@@ -98,6 +99,7 @@ void launch_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor
                 int64_t mode, bool inverse, int64_t rows, int64_t n, double clamp, int device) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t numel = rows * n;
+  check_affine_factor(mode, is_factor);
   if (numel == 0) return;
   const int64_t blocks = std::min<int64_t>((numel + kThreads - 1) / kThreads, multiprocessor_count(device) * 32);
   const acc_t* gld = grad_logdet.has_value() ? grad_logdet->data_ptr<acc_t>() : nullptr;
@@ -109,8 +111,9 @@ void launch_bwd(const AffineBwdRows<scalar_t>& a, const std::optional<at::Tensor
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, gld, numel, n, static_cast<acc_t>(clamp));
     };
     if (a.input) run(std::false_type{}, std::true_type{});
-    else if (is_factor) run(std::true_type{}, std::false_type{});
-    else run(std::false_type{}, std::false_type{});
+    else if (is_factor) {
+      if constexpr (affine_saves_factor(decltype(mode_c)::value)) run(std::true_type{}, std::false_type{});
+    } else run(std::false_type{}, std::false_type{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

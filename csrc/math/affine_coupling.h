@@ -7,6 +7,10 @@
 //   sigmoid: g = sigmoid(s + 2), m = g + 1e-3,         dlogm/ds = g (1 - g) / m
 //            log m = log(m)      (the nflows / Glow convention: m stays in (1e-3, 1 + 1e-3))
 //   tanh:    log m = c tanh(s / c)                     dlogm/ds = 1 - tanh^2(s / c)
+//   softplus: m = softplus(s) + 1e-3, log m = log(m),  dlogm/ds = sigmoid(s) / m
+//            (nflows' MaskedAffineAutoregressiveTransform; torch's softplus threshold)
+//   rational: log m = s / (1 + |s / c|)                dlogm/ds = 1 / (1 + |s / c|)^2
+//            (zuko's MonotonicAffineTransform with c = -log(slope))
 // forward  (data -> latent): y = x m + t,     log-det += log m
 // inverse  (latent -> data): x = (y - t) / m, log-det -= log m
 //
@@ -24,11 +28,15 @@
 namespace flowkern {
 namespace math {
 
-enum AffineScale : int { kAffineExp = 0, kAffineSigmoid = 1, kAffineTanh = 2 };
-// double: T(kAffineSigmoidEps) is then 1e-3 rounded once to T (a float constant would give the
+enum AffineScale : int { kAffineExp = 0, kAffineSigmoid = 1, kAffineTanh = 2, kAffineSoftplus = 3, kAffineRational = 4 };
+constexpr int kAffineModes = 5;
+// Whether a forward may save its factor for the backward (affine_dlogm_from_factor): for
+// softplus and rational the backward from s costs no more than one from the factor.
+constexpr bool affine_saves_factor(int mode) { return mode <= kAffineTanh; }
+// double: T(kAffineEps) is then 1e-3 rounded once to T (a float constant would give the
 // float64 kernels 1.0000000475e-3, a relative error of 5e-8 in every sigmoid factor).
 constexpr double kAffineSigmoidOffset = 2.0;
-constexpr double kAffineSigmoidEps = 1e-3;
+constexpr double kAffineEps = 1e-3;
 
 // The factor applied to the data (m forward, 1/m inverse) and log m (unsigned). The row's
 // log-det is the sum of log(factor) = +-log m in either direction. exp(-log m) rather than
@@ -43,8 +51,15 @@ FLOWKERN_HD void affine_factor(const T& s, const T& clamp, T& factor, T& logm) {
   } else if constexpr (MODE == kAffineTanh) {
     logm = clamp * fk_tanh(s / clamp);
     factor = fk_exp(INVERSE ? -logm : logm);
+  } else if constexpr (MODE == kAffineRational) {
+    logm = fk_soft_clamp(s, clamp);
+    factor = fk_exp(INVERSE ? -logm : logm);
+  } else if constexpr (MODE == kAffineSoftplus) {
+    const T m = fk_softplus_of(s, fk_exp(s)) + T(kAffineEps);
+    logm = fk_log(m);
+    factor = INVERSE ? T(1) / m : m;
   } else {
-    const T m = fk_sigmoid(s + T(kAffineSigmoidOffset)) + T(kAffineSigmoidEps);
+    const T m = fk_sigmoid(s + T(kAffineSigmoidOffset)) + T(kAffineEps);
     if constexpr (NEED_LOGM) logm = fk_log(m);
     factor = INVERSE ? T(1) / m : m;
   }
@@ -61,9 +76,18 @@ FLOWKERN_HD void affine_factor_grad(const T& s, const T& clamp, T& factor, T& dl
     const T logm = clamp * th;
     factor = fk_exp(INVERSE ? -logm : logm);
     dlogm = T(1) - th * th;
+  } else if constexpr (MODE == kAffineRational) {
+    const T logm = fk_soft_clamp(s, clamp);
+    factor = fk_exp(INVERSE ? -logm : logm);
+    dlogm = fk_soft_clamp_grad(s, clamp);
+  } else if constexpr (MODE == kAffineSoftplus) {
+    const T z = fk_exp(s);
+    const T m = fk_softplus_of(s, z) + T(kAffineEps);
+    factor = INVERSE ? T(1) / m : m;
+    dlogm = fk_softplus_grad_of(s, z) / m;
   } else {
     const T g = fk_sigmoid(s + T(kAffineSigmoidOffset));
-    const T m = g + T(kAffineSigmoidEps);
+    const T m = g + T(kAffineEps);
     factor = INVERSE ? T(1) / m : m;
     dlogm = g * (T(1) - g) / m;
   }
@@ -79,6 +103,7 @@ FLOWKERN_HD T affine_apply(const T& x, const T& t, const T& factor) {
 // it instead of recomputing exp/sigmoid from s, which is where a CPU spends its time.
 template <int MODE, bool INVERSE, typename T>
 FLOWKERN_HD T affine_dlogm_from_factor(const T& factor, const T& clamp) {
+  static_assert(affine_saves_factor(MODE), "this scale mode's backward takes the raw scale, not a factor");
   if constexpr (MODE == kAffineExp) {
     return T(1);
   } else if constexpr (MODE == kAffineTanh) {
@@ -86,7 +111,7 @@ FLOWKERN_HD T affine_dlogm_from_factor(const T& factor, const T& clamp) {
     return T(1) - th * th;
   } else {
     const T m = INVERSE ? T(1) / factor : factor;
-    const T g = m - T(kAffineSigmoidEps);
+    const T g = m - T(kAffineEps);
     return g * (T(1) - g) / m;
   }
 }

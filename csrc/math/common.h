@@ -44,5 +44,29 @@ FLOWKERN_HD T fk_sigmoid(const T& x) {
   return T(1) / (T(1) + fk_exp(-x));
 }
 
+// zuko's soft clamp of u into (-|c|, |c|), u / (1 + |u / c|), and its derivative in u.
+template <typename T>
+FLOWKERN_HD T fk_soft_clamp(const T& u, const T& c) {
+  return u / (T(1) + fk_abs(u / c));
+}
+template <typename T>
+FLOWKERN_HD T fk_soft_clamp_grad(const T& u, const T& c) {
+  const T den = T(1) + fk_abs(u / c);
+  return T(1) / (den * den);
+}
+
+// softplus(u) = log(1 + e^u) as torch computes it (u itself above its threshold of 20, so that
+// float64 results match torch's to the last bit), and its derivative sigmoid(u) (1 above the
+// threshold), given z = e^u (inf above the threshold only in lanes the selects drop).
+constexpr double kSoftplusThreshold = 20.0;
+template <typename T>
+FLOWKERN_HD T fk_softplus_of(const T& u, const T& z) {
+  return fk_where(u > T(kSoftplusThreshold), u, fk_log1p(z));
+}
+template <typename T>
+FLOWKERN_HD T fk_softplus_grad_of(const T& u, const T& z) {
+  return fk_where(u > T(kSoftplusThreshold), T(1), z / (z + T(1)));
+}
+
 }  // namespace math
 }  // namespace flowkern

@@ -51,29 +51,27 @@ namespace math {
 
 constexpr int kRqMaxBins = 64;
 constexpr int kRqMaxParams = 3 * kRqMaxBins - 1;
-constexpr double kRqSoftplusThreshold = 20.0;  // torch's softplus: u itself above it
 
 // The raw param i as the knots see it: soft-clamped when the style asks (sizes into
-// (l/2, -l/2): u / (1 + |2u / l|); derivatives into (l, -l): u / (1 + |u / l|)), written as the
-// reference's torch ops round it.
+// (l/2, -l/2), derivatives into (l, -l): fk_soft_clamp; u / (l/2) = 2u / l exactly, as the
+// reference's torch ops round it).
+template <typename T>
+FLOWKERN_HD T rq_clamp_bound(int i, int bins, const RqStyle& st) {
+  return i < 2 * bins ? T(st.log_slope * 0.5) : T(st.log_slope);
+}
 template <bool CLAMP, typename T>
 FLOWKERN_HD T rq_raw(const T& u, int i, int bins, const RqStyle& st) {
   if constexpr (!CLAMP) {
     return u;
   } else {
-    const T l(st.log_slope);
-    const T a = i < 2 * bins ? (T(2) * u) / l : u / l;
-    return u / (T(1) + fk_abs(a));
+    return fk_soft_clamp(u, rq_clamp_bound<T>(i, bins, st));
   }
 }
 
-// d rq_raw / du = 1 / (1 + |a u|)^2 (1 without the clamp).
+// d rq_raw / du (with the clamp).
 template <typename T>
 FLOWKERN_HD T rq_raw_grad(const T& u, int i, int bins, const RqStyle& st) {
-  const T l(st.log_slope);
-  const T a = i < 2 * bins ? (T(2) * u) / l : u / l;
-  const T den = T(1) + fk_abs(a);
-  return T(1) / (den * den);
+  return fk_soft_clamp_grad(u, rq_clamp_bound<T>(i, bins, st));
 }
 
 // a * b rounded on its own: never fused into an fma with a following add (the knots must
@@ -177,9 +175,8 @@ FLOWKERN_HD void rq_derivative(const T& ud, const RqStyle& st, T& d, T& sig) {
     if constexpr (GRAD) sig = z;
     return;
   }
-  const auto linear = ud > T(kRqSoftplusThreshold);
-  d = T(st.min_derivative) + fk_where(linear, ud, fk_log1p(z));
-  if constexpr (GRAD) sig = fk_where(linear, T(1), z / (z + T(1)));
+  d = T(st.min_derivative) + fk_softplus_of(ud, z);
+  if constexpr (GRAD) sig = fk_softplus_grad_of(ud, z);
 }
 
 // Softmaxes of both tables into sx, sy (kept for the backward), the bin of v (searched on the

@@ -133,6 +133,30 @@ class RQAutoregressiveMixin:
         return ops.rq_spline(inputs, params, inverse=inverse, **spline_style(self))
 
 
+class AffineAutoregressiveMixin:
+    """The masked affine autoregressive map (MAF) of nflows and normflows: the MADE's output
+    interleaves (raw scale, shift) per feature; `_fk_scale` is the scale's map ("softplus" in
+    nflows 0.14, "sigmoid" in normflows), each with its + 1e-3 floor."""
+
+    _fk_scale = "sigmoid"
+
+    def _fk_affine(self, inputs, autoregressive_params, inverse):
+        params = autoregressive_params.view(-1, self.features, 2)
+        return ops.affine_coupling(inputs, params[..., 1], params[..., 0], scale=self._fk_scale, inverse=inverse)
+
+    def _elementwise_forward(self, inputs, autoregressive_params):
+        return self._fk_affine(inputs, autoregressive_params, False)
+
+    def _elementwise_inverse(self, inputs, autoregressive_params):
+        return self._fk_affine(inputs, autoregressive_params, True)
+
+
+def affine_autoregressive_check(module) -> Optional[str]:
+    if getattr(module, "_epsilon", 1e-3) != 1e-3:
+        return f"_epsilon={module._epsilon}: the fused scales' floor is 1e-3"
+    return None
+
+
 class RQCDFMixin:
     """PiecewiseRationalQuadraticCDF: one spline per feature, its params shared by the batch."""
 

@@ -9,6 +9,8 @@ Covered, with the classes' own arithmetic (tests/test_interop.py):
   each pass fused (the inverse still makes one pass per feature, as nflows does);
 - PiecewiseRationalQuadraticCDF with tails="linear" on 2-D inputs;
 - AffineCouplingTransform: nflows' sigmoid(raw + 2) + 1e-3 scale is flowkern's "sigmoid" mode;
+- MaskedAffineAutoregressiveTransform (sbi's maf): its softplus(raw) + 1e-3 scale is the affine
+  op's "softplus" mode (each pass of the inverse too);
 - LULinear: L and U assembled by two matrix-vector products with constant placement matrices
   (not four index assignments into zero tensors) and x (LU)^T + b as one matmul; the inverse by
   two triangular solves, as nflows (torch.linalg.solve_triangular); its eval-mode cache as nflows.
@@ -21,15 +23,16 @@ features, and every other transform; image (4-D) inputs of a coupling run nflows
 """
 from __future__ import annotations
 
-from nflows.transforms.autoregressive import MaskedPiecewiseRationalQuadraticAutoregressiveTransform
+from nflows.transforms.autoregressive import (MaskedAffineAutoregressiveTransform,
+                                             MaskedPiecewiseRationalQuadraticAutoregressiveTransform)
 from nflows.transforms.base import CompositeTransform, InverseTransform, MultiscaleCompositeTransform, Transform
 from nflows.transforms.coupling import AffineCouplingTransform, PiecewiseRationalQuadraticCouplingTransform
 from nflows.transforms.lu import LULinear
 from nflows.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
 
 from . import register, register_family
-from ._layers import (LUAssembly, RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, SigmoidAffineCouplingMixin, cdf_check,
-                      lu_check, spline_check)
+from ._layers import (AffineAutoregressiveMixin, LUAssembly, RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin,
+                      SigmoidAffineCouplingMixin, affine_autoregressive_check, cdf_check, lu_check, spline_check)
 
 
 class AcceleratedRQCoupling(RQCouplingMixin, PiecewiseRationalQuadraticCouplingTransform):
@@ -44,6 +47,10 @@ class AcceleratedMaskedRQAutoregressive(RQAutoregressiveMixin, MaskedPiecewiseRa
     pass
 
 
+class AcceleratedMaskedAffineAutoregressive(AffineAutoregressiveMixin, MaskedAffineAutoregressiveTransform):
+    _fk_scale = "softplus"
+
+
 class AcceleratedRQCDF(RQCDFMixin, PiecewiseRationalQuadraticCDF):
     pass
 
@@ -56,6 +63,7 @@ class AcceleratedLULinear(LUAssembly, LULinear):
 register(PiecewiseRationalQuadraticCouplingTransform, AcceleratedRQCoupling, spline_check)
 register(AffineCouplingTransform, AcceleratedAffineCoupling)
 register(MaskedPiecewiseRationalQuadraticAutoregressiveTransform, AcceleratedMaskedRQAutoregressive, spline_check)
+register(MaskedAffineAutoregressiveTransform, AcceleratedMaskedAffineAutoregressive, affine_autoregressive_check)
 register(PiecewiseRationalQuadraticCDF, AcceleratedRQCDF, cdf_check)
 register(LULinear, AcceleratedLULinear, lu_check)
 register_family("nflows", Transform, (CompositeTransform, MultiscaleCompositeTransform, InverseTransform))

@@ -6,7 +6,8 @@ wrappers call the inner module's inverse) is kept as it is:
 - CoupledRationalQuadraticSpline -> PiecewiseRationalQuadraticCoupling with its unconditional
   PiecewiseRationalQuadraticCDF on the identity features (tails="linear", a float tail_bound);
 - AutoregressiveRationalQuadraticSpline -> MaskedPiecewiseRationalQuadraticAutoregressive;
-- AffineCouplingBlock -> AffineCoupling with scale_map="exp" (or scale=False: additive).
+- AffineCouplingBlock -> AffineCoupling with scale_map="exp" (or scale=False: additive);
+- MaskedAffineAutoregressive (sigmoid(raw + 2) + 1e-3 scales: flowkern's "sigmoid" mode).
 Left as they are: circular and per-feature tails (CircularCoupledRationalQuadraticSpline),
 tensor tail bounds, AffineCoupling's "sigmoid" and "sigmoid_inv" maps (no 1e-3 floor, unlike
 flowkern's sigmoid mode), and every other flow.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from normflows.flows.affine.autoregressive import MaskedAffineAutoregressive
 from normflows.flows.affine.coupling import AffineCoupling
 from normflows.flows.base import Composite, Flow
 from normflows.flows.neural_spline.autoregressive import MaskedPiecewiseRationalQuadraticAutoregressive
@@ -27,7 +29,8 @@ from normflows.flows.reshape import Merge, Split
 
 from .. import ops
 from . import register, register_family
-from ._layers import RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, cdf_check, spline_check
+from ._layers import (AffineAutoregressiveMixin, RQAutoregressiveMixin, RQCDFMixin, RQCouplingMixin, cdf_check,
+                      spline_check)
 
 
 class AcceleratedRQCoupling(RQCouplingMixin, PiecewiseRationalQuadraticCoupling):
@@ -40,6 +43,10 @@ class AcceleratedMaskedRQAutoregressive(RQAutoregressiveMixin, MaskedPiecewiseRa
 
 class AcceleratedRQCDF(RQCDFMixin, PiecewiseRationalQuadraticCDF):
     pass
+
+
+class AcceleratedMaskedAffineAutoregressive(AffineAutoregressiveMixin, MaskedAffineAutoregressive):
+    _fk_scale = "sigmoid"
 
 
 class AcceleratedAffineCoupling(AffineCoupling):
@@ -73,6 +80,7 @@ register(PiecewiseRationalQuadraticCoupling, AcceleratedRQCoupling, spline_check
 register(MaskedPiecewiseRationalQuadraticAutoregressive, AcceleratedMaskedRQAutoregressive, spline_check)
 register(PiecewiseRationalQuadraticCDF, AcceleratedRQCDF, cdf_check)
 register(AffineCoupling, AcceleratedAffineCoupling, _affine_check)
+register(MaskedAffineAutoregressive, AcceleratedMaskedAffineAutoregressive)
 # wrappers of the modules above and pure reshapes: what they hold is reported, not they
 register_family("normflows", Flow, (Composite, CoupledRationalQuadraticSpline, AutoregressiveRationalQuadraticSpline,
                                     CircularCoupledRationalQuadraticSpline, AffineCouplingBlock, Split, Merge))

@@ -3,6 +3,8 @@
     scale="exp":     m = exp(s)
     scale="sigmoid": m = sigmoid(s + 2) + 1e-3          (nflows / Glow)
     scale="tanh":    m = exp(clamp * tanh(s / clamp))   (soft-clamped exp)
+    scale="softplus": m = softplus(s) + 1e-3             (nflows' MaskedAffineAutoregressiveTransform)
+    scale="rational": m = exp(s / (1 + |s / clamp|))    (zuko's MonotonicAffineTransform, clamp = -log(slope))
     forward:  y = x * m + t,      logdet = sum over non-batch dims of log m
     inverse:  x = (y - t) / m,    logdet = -sum log m
 
@@ -27,6 +29,15 @@ from ._autograd import apply, contiguous_grads, kernel_functions, needs_grad, un
 from ._vmap import register_row_vmap
 
 SCALE_MODES = {name: i for i, name in enumerate(SCALES)}  # the kernels' mode numbers
+# The modes whose backward can start from the saved factor (csrc/math/affine_coupling.h:
+# affine_saves_factor); for softplus and rational the raw scale costs the backward no more.
+FACTOR_MODES = frozenset(SCALE_MODES[name] for name in ("exp", "sigmoid", "tanh"))
+
+
+def check_factor(mode: int, uses_factor: bool) -> None:
+    if uses_factor and int(mode) not in FACTOR_MODES:
+        raise ValueError(f"affine_coupling mode {mode} ({SCALES[int(mode)]}) saves no factor: "
+                         "save_factor / is_factor must be False")
 
 
 def _kernel(impl: str, name: str):
@@ -50,7 +61,8 @@ def _save_factor(device: torch.device, scale: str, clamp: float, *tensors) -> bo
     there, recompute from s. Below clamp 1 the backward's tanh = log(factor) / clamp carries an
     error of eps / clamp into 1 - tanh^2 (1e-4 at clamp 1e-3, for s where tanh saturates and the
     true gradient is 0): there too."""
-    return (device.type in SAVE_FACTOR_ON and not (scale == "tanh" and not 1.0 <= clamp <= 80.0)
+    return (device.type in SAVE_FACTOR_ON and SCALE_MODES[scale] in FACTOR_MODES
+            and not (scale == "tanh" and not 1.0 <= clamp <= 80.0)
             and (needs_grad(*tensors) or under_functorch_or_forward_ad(*tensors)))
 
 

@@ -7,6 +7,9 @@ PyTorch's autograd of these few lines.
     scale="exp":     m = exp(s)                          log m = s
     scale="sigmoid": m = sigmoid(s + 2) + 1e-3           log m = log(m)
     scale="tanh":    s' = clamp * tanh(s / clamp), m = exp(s'), log m = s'
+    scale="softplus": m = softplus(s) + 1e-3             log m = log(m)   (nflows' MAF)
+    scale="rational": s' = s / (1 + |s / clamp|), m = exp(s'), log m = s'
+                      (zuko's MonotonicAffineTransform, clamp = -log(slope))
 
     forward:  y = x * m + t,      logdet = sum_{non-batch} log m
     inverse:  x = (y - t) / m,    logdet = -sum_{non-batch} log m
@@ -20,7 +23,7 @@ import torch
 
 from ._common import row_sum
 
-SCALES = ("exp", "sigmoid", "tanh")
+SCALES = ("exp", "sigmoid", "tanh", "softplus", "rational")
 SIGMOID_OFFSET = 2.0
 SIGMOID_EPS = 1e-3
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32
@@ -28,9 +31,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32
 
 def identity_scale_raw(scale: str) -> float:
     """The raw scale s at which m = 1 (the identity): 0 for "exp"/"tanh", and for "sigmoid"
-    the s with sigmoid(s + 2) + 1e-3 = 1, i.e. logit(1 - 1e-3) - 2."""
+    the s with sigmoid(s + 2) + 1e-3 = 1, i.e. logit(1 - 1e-3) - 2; for "softplus" the s with
+    softplus(s) = 1 - 1e-3, i.e. log(expm1(1 - 1e-3))."""
     if scale == "sigmoid":
         return math.log((1.0 - SIGMOID_EPS) / SIGMOID_EPS) - SIGMOID_OFFSET
+    if scale == "softplus":
+        return math.log(math.expm1(1.0 - SIGMOID_EPS))
     return 0.0
 
 
@@ -42,6 +48,10 @@ def log_scale_ref(scale_raw: torch.Tensor, scale: str, clamp: float) -> torch.Te
         return clamp * torch.tanh(scale_raw / clamp)
     if scale == "sigmoid":
         return torch.log(torch.sigmoid(scale_raw + SIGMOID_OFFSET) + SIGMOID_EPS)
+    if scale == "softplus":
+        return torch.log(torch.nn.functional.softplus(scale_raw) + SIGMOID_EPS)
+    if scale == "rational":
+        return scale_raw / (1 + torch.abs(scale_raw / clamp))
     raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
 
 
@@ -62,7 +72,7 @@ def affine_coupling_ref(
         x, shift, scale_raw = x.float(), shift.float(), scale_raw.float()
     logm = log_scale_ref(scale_raw, scale, clamp)
     if inverse:
-        out = (x - shift) * torch.exp(-logm) if scale != "sigmoid" else (x - shift) / torch.exp(logm)
+        out = (x - shift) * torch.exp(-logm) if scale not in ("sigmoid", "softplus") else (x - shift) / torch.exp(logm)
         sign = -1.0
     else:
         out = x * torch.exp(logm) + shift

@@ -4,13 +4,15 @@ A restatement of flowkern/reference/affine_coupling.py (the ground truth) and of
 csrc/math/affine_coupling.h, one program per batch row so that each row's
 log-determinant is reduced in registers and written once (deterministic, no atomics).
 
-With s = raw scale, t = shift, m = scale factor, c = clamp, mode 0/1/2 = exp/sigmoid/tanh:
+With s = raw scale, t = shift, m = scale factor, c = clamp, mode 0-4 = exp/sigmoid/tanh/softplus/rational:
 
     exp:     log m = s,                   m = exp(s)         dlogm/ds = 1
     sigmoid: sg = sigmoid(s + 2),         m = sg + 1e-3,     log m = log(m)
                                                              dlogm/ds = sg (1 - sg) / m
     tanh:    th = tanh(s / c),            log m = c th,      m = exp(log m)
                                                              dlogm/ds = 1 - th^2
+    softplus: m = softplus(s) + 1e-3,     log m = log(m),    dlogm/ds = sigmoid(s) / m
+    rational: log m = s / (1 + |s / c|),  m = exp(log m),    dlogm/ds = 1 / (1 + |s / c|)^2
 
     forward (inverse=False): out = x m + t        logdet = logdet_in + sum_row log m
     inverse (inverse=True):  out = (x - t) / m    logdet = logdet_in - sum_row log m
@@ -34,7 +36,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..ops._vmap import register_row_vmap
-from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS
+from ..ops.affine_coupling import BWD_TENSOR_ARGS, FWD_TENSOR_ARGS, check_factor
 from ._common import logdet_dtype, on_input_device, register_interpreter_fakes, rows_cols
 
 __all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_fwd", "affine_coupling_merge_bwd",
@@ -43,6 +45,8 @@ __all__ = ["affine_coupling_fwd", "affine_coupling_bwd", "affine_coupling_merge_
 MODE_EXP = 0
 MODE_SIGMOID = 1
 MODE_TANH = 2
+MODE_SOFTPLUS = 3
+MODE_RATIONAL = 4
 
 _MAX_BLOCK = 1024
 _MIN_BLOCK = 16
@@ -89,12 +93,29 @@ def _scale_terms(s, clamp, MODE: tl.constexpr):
         logm = tl.log(m)
         inv_m = 1.0 / m
         dlogm = sg * sgc / m
-    else:
+    elif MODE == 2:
         th, dth = _tanh_parts(s / clamp)
         logm = clamp * th
         m = tl.exp(logm)
         inv_m = tl.exp(-logm)
         dlogm = dth
+    elif MODE == 3:
+        # torch's softplus (s itself above 20); log1p(z) as log(1 + z) z / ((1 + z) - 1), exact
+        # to fp32 rounding for tiny z where log(1 + z) alone would round to 0 (no libdevice).
+        z = tl.exp(tl.minimum(s, 20.0))
+        u = 1.0 + z
+        lp = tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+        linear = s > 20.0
+        m = tl.where(linear, s, lp) + 1e-3
+        logm = tl.log(m)
+        inv_m = 1.0 / m
+        dlogm = tl.where(linear, 1.0, tl.sigmoid(s)) / m
+    else:
+        den = 1.0 + tl.abs(s / clamp)
+        logm = s / den
+        m = tl.exp(logm)
+        inv_m = tl.exp(-logm)
+        dlogm = 1.0 / (den * den)
     return logm, m, inv_m, dlogm
 
 
@@ -112,7 +133,7 @@ def _terms_from_factor(f, clamp, MODE: tl.constexpr, INVERSE: tl.constexpr):
     elif MODE == 1:
         sg = m - 1e-3
         dlogm = sg * (1.0 - sg) / m
-    else:
+    else:  # tanh (softplus and rational save no factor: check_factor)
         th = tl.log(f) / clamp  # +-tanh(s / c); the sign does not matter below
         dlogm = 1.0 - th * th
     return m, inv_m, dlogm
@@ -260,6 +281,7 @@ def _launch_fwd(x, shift, scale_raw, out, factor, logdet, logdet_out, *, rows, n
     """The forward kernel over `rows` rows of n elements; strides = the row strides of (x, shift,
     scale_raw, out). factor: the saved factor's buffer, or None; kept: rows copied into out at
     kept_at (the merge), or None."""
+    check_factor(mode, factor is not None)
     block, num_warps = _block_for(max(n, k))
     x_rs, t_rs, s_rs, out_rs = strides
     wrap_triton(_affine_coupling_fwd_kernel)[(rows,)](
@@ -280,6 +302,7 @@ def _launch_bwd(grad_out, grad_logdet, saved, scale_or_factor, grad_in, grad_sca
     """The backward kernel; strides = the row strides of (grad_out, saved, scale_or_factor,
     grad_scale); grad_in is contiguous; grad_shift, when given, receives dL/dt. With `rebuilt`
     (contiguous), saved is the op's output and shift its shift: the input is rebuilt there."""
+    check_factor(mode, is_factor)
     block, num_warps = _block_for(n)
     g_rs, saved_rs, s_rs, gs_rs = strides
     wrap_triton(_affine_coupling_bwd_kernel)[(rows,)](
