@@ -264,6 +264,22 @@ def test_large_lulinear_is_left_to_nflows():
 
 # ---- zuko ----
 
+def check_zuko_flow(plain, accelerated=3):
+    """log_prob and every gradient of a 4-feature zuko flow, and its samples for the same base
+    noise (the inverse: one pass per feature for an autoregressive flow)."""
+    fast = flowkern.accelerate(plain, inplace=False)
+    assert sum(map(is_accelerated, fast.modules())) == accelerated
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64) * 3
+    c = torch.randn(30, C, generator=g, dtype=torch.float64)
+    check_same(plain, fast, lambda m: (m(c).log_prob(x),))
+    torch.manual_seed(7)
+    a = plain(c).rsample((5,))
+    torch.manual_seed(7)
+    b = fast(c).rsample((5,))
+    assert a.shape == b.shape == (5, 30, 4) and rel(b, a) < 1e-11
+
+
 def zuko_nsf(dtype=torch.float64, **kw):
     torch.manual_seed(0)
     return _jiggle(zuko.flows.NSF(4, C, transforms=3, hidden_features=(32, 32), bins=6, **kw).to(dtype), scale=0.5)
@@ -278,18 +294,7 @@ def test_zuko_nsf_log_prob_gradients_and_samples_match(kw):
                                        **kw).double(), scale=0.5)
     else:
         plain = zuko_nsf()
-    fast = flowkern.accelerate(plain, inplace=False)
-    assert sum(map(is_accelerated, fast.modules())) == 3
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(30, 4, generator=g, dtype=torch.float64) * 3
-    c = torch.randn(30, C, generator=g, dtype=torch.float64)
-    check_same(plain, fast, lambda m: (m(c).log_prob(x),))
-    # sampling runs the inverse, one pass per feature: same base noise, same samples
-    torch.manual_seed(7)
-    a = plain(c).rsample((5,))
-    torch.manual_seed(7)
-    b = fast(c).rsample((5,))
-    assert a.shape == b.shape == (5, 30, 4) and rel(b, a) < 1e-11
+    check_zuko_flow(plain)
 
 
 @pytest.mark.parametrize("flow", ["maf", "maf-slope", "realnvp", "coupling-rqs"])
@@ -309,17 +314,7 @@ def test_zuko_affine_and_coupling_flows_match(flow):
         plain = zuko.flows.RealNVP(4, C, univariate=zuko.transforms.MonotonicRQSTransform,
                                    shapes=[(5,), (5,), (4,)], **kw)
     plain = _jiggle(plain.double(), scale=1.0 if "maf" in flow else 0.5)  # scales reach the soft clamp
-    fast = flowkern.accelerate(plain, inplace=False)
-    assert sum(map(is_accelerated, fast.modules())) == 3
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(30, 4, generator=g, dtype=torch.float64) * 3
-    c = torch.randn(30, C, generator=g, dtype=torch.float64)
-    check_same(plain, fast, lambda m: (m(c).log_prob(x),))
-    torch.manual_seed(7)
-    a = plain(c).rsample((5,))
-    torch.manual_seed(7)
-    b = fast(c).rsample((5,))
-    assert a.shape == b.shape == (5, 30, 4) and rel(b, a) < 1e-11
+    check_zuko_flow(plain)
 
 
 def test_zuko_other_univariates_are_left_with_a_reason():

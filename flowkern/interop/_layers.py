@@ -138,7 +138,7 @@ class AffineAutoregressiveMixin:
     interleaves (raw scale, shift) per feature; `_fk_scale` is the scale's map ("softplus" in
     nflows 0.14, "sigmoid" in normflows), each with its + 1e-3 floor."""
 
-    _fk_scale = "sigmoid"
+    _fk_scale: str  # set by each library's class
 
     def _fk_affine(self, inputs, autoregressive_params, inverse):
         params = autoregressive_params.view(-1, self.features, 2)

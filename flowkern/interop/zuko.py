@@ -34,15 +34,40 @@ __all__ = ["AcceleratedGeneralCoupling", "AcceleratedMaskedAutoregressive", "Fus
            "FusedRQSTransform"]
 
 
-class FusedRQSTransform(Transform):
-    """zuko's MonotonicRQSTransform of every feature at once, on flowkern's fused spline:
-    x (*, D), params phi (*, D, 3K - 1) = [widths | heights | derivatives] as zuko packs them.
-    A transform of event dim 1 (its log-det sums the features, as DependentTransform(., 1))."""
+class _FusedUnivariates(Transform):
+    """A zuko univariate of every feature at once, on one fused flowkern op: x (*, D) with its
+    packed params phi (*, D, P). A transform of event dim 1 (its log-det sums the features, as
+    DependentTransform(., 1)). `_op(v (N, D), phi (N, D, P), inverse)` is the fused map."""
 
     domain = constraints.independent(constraints.real, 1)
     codomain = constraints.independent(constraints.real, 1)
     bijective = True
     sign = +1
+
+    def _run(self, v: torch.Tensor, inverse: bool):
+        phi = self.phi
+        if phi.shape[:-1] != v.shape:
+            v, phi = broadcast(v, phi, ignore=(0, 1))
+        batch = v.shape[:-1]
+        y, ld = self._op(v.reshape(-1, v.shape[-1]), phi.reshape(-1, *phi.shape[-2:]), inverse)
+        return y.reshape(v.shape), ld.reshape(batch)
+
+    def _call(self, x):
+        return self._run(x, False)[0]
+
+    def _inverse(self, y):
+        return self._run(y, True)[0]
+
+    def log_abs_det_jacobian(self, x, y):
+        return self._run(x, False)[1]
+
+    def call_and_ladj(self, x):
+        return self._run(x, False)
+
+
+class FusedRQSTransform(_FusedUnivariates):
+    """zuko's MonotonicRQSTransform: phi (*, D, 3K - 1) = [widths | heights | derivatives] as
+    zuko packs them, on flowkern's fused spline in zuko's knot style."""
 
     def __init__(self, phi: torch.Tensor, bins: int, bound: float, slope: float, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -51,37 +76,14 @@ class FusedRQSTransform(Transform):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(bins={self.bins})"
 
-    def _spline(self, v: torch.Tensor, inverse: bool):
-        phi = self.phi
-        if phi.shape[:-1] != v.shape:
-            v, phi = broadcast(v, phi, ignore=(0, 1))
-        batch = v.shape[:-1]
-        y, ld = ops.rq_spline(v.reshape(-1, v.shape[-1]), phi.reshape(-1, *phi.shape[-2:]), bins=self.bins,
-                              bound=self.bound, inverse=inverse, min_width=0.0, min_height=0.0, min_derivative=0.0,
-                              derivative="exp", slope=self.slope)
-        return y.reshape(v.shape), ld.reshape(batch)
-
-    def _call(self, x):
-        return self._spline(x, False)[0]
-
-    def _inverse(self, y):
-        return self._spline(y, True)[0]
-
-    def log_abs_det_jacobian(self, x, y):
-        return self._spline(x, False)[1]
-
-    def call_and_ladj(self, x):
-        return self._spline(x, False)
+    def _op(self, v, phi, inverse):
+        return ops.rq_spline(v, phi, bins=self.bins, bound=self.bound, inverse=inverse, min_width=0.0, min_height=0.0,
+                             min_derivative=0.0, derivative="exp", slope=self.slope)
 
 
-class FusedAffineTransform(Transform):
-    """zuko's MonotonicAffineTransform of every feature at once, as DependentTransform(., 1):
-    x (*, D), phi (*, D, 2) = [shift | unconstrained scale] as zuko packs them."""
-
-    domain = constraints.independent(constraints.real, 1)
-    codomain = constraints.independent(constraints.real, 1)
-    bijective = True
-    sign = +1
+class FusedAffineTransform(_FusedUnivariates):
+    """zuko's MonotonicAffineTransform: phi (*, D, 2) = [shift | unconstrained scale] as zuko
+    packs them, on the affine op's "rational" scale."""
 
     def __init__(self, phi: torch.Tensor, slope: float, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -90,27 +92,9 @@ class FusedAffineTransform(Transform):
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(slope={self.slope})"
 
-    def _affine(self, v: torch.Tensor, inverse: bool):
-        phi = self.phi
-        if phi.shape[:-1] != v.shape:
-            v, phi = broadcast(v, phi, ignore=(0, 1))
-        batch = v.shape[:-1]
-        flat = phi.reshape(-1, *phi.shape[-2:])
-        y, ld = ops.affine_coupling(v.reshape(-1, v.shape[-1]), flat[..., 0], flat[..., 1], scale="rational",
-                                    clamp=-math.log(self.slope), inverse=inverse)
-        return y.reshape(v.shape), ld.reshape(batch)
-
-    def _call(self, x):
-        return self._affine(x, False)[0]
-
-    def _inverse(self, y):
-        return self._affine(y, True)[0]
-
-    def log_abs_det_jacobian(self, x, y):
-        return self._affine(x, False)[1]
-
-    def call_and_ladj(self, x):
-        return self._affine(x, False)
+    def _op(self, v, phi, inverse):
+        return ops.affine_coupling(v, phi[..., 0], phi[..., 1], scale="rational", clamp=-math.log(self.slope),
+                                   inverse=inverse)
 
 
 def _partial_options(univariate, cls, defaults: dict) -> Optional[dict]:
@@ -143,18 +127,22 @@ def _fused(module, phi) -> Transform:
     return FusedAffineTransform(phi, **opts)
 
 
-class AcceleratedMaskedAutoregressive(MaskedAutoregressiveTransform):
+class _FusedMeta:
+    """meta() of zuko's MaskedAutoregressiveTransform and GeneralCouplingTransform (the same
+    code in both), returning the fused univariates."""
+
     def meta(self, c, x):
         if c is not None:
             x = torch.cat(broadcast(x, c, ignore=1), dim=-1)
         return _fused(self, self.hyper(x).unflatten(-1, (-1, self.total)))
 
 
-class AcceleratedGeneralCoupling(GeneralCouplingTransform):
-    def meta(self, c, x):
-        if c is not None:
-            x = torch.cat(broadcast(x, c, ignore=1), dim=-1)
-        return _fused(self, self.hyper(x).unflatten(-1, (-1, self.total)))
+class AcceleratedMaskedAutoregressive(_FusedMeta, MaskedAutoregressiveTransform):
+    pass
+
+
+class AcceleratedGeneralCoupling(_FusedMeta, GeneralCouplingTransform):
+    pass
 
 
 def _check(module) -> Optional[str]:
