@@ -134,18 +134,20 @@ math::AffineBwdRows<T> merge_bwd_out_rows(const at::Tensor& grad_out, const at::
           params.stride(0), grad_x.data_ptr<T>(), gp + n, 2 * n, gp, 2 * n, p, params.stride(0), input.data_ptr<T>()};
 }
 
-// rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,), all
-// contiguous; bins within the kernels' fixed-size knot arrays (math/rq_spline.h: 64).
+// rq_spline: x (and grad_out) viewed as (B, N) rows, params x.shape + (3 bins - 1,) (3 bins + 1
+// with learned ends), all contiguous; bins within the kernels' fixed-size knot arrays
+// (math/rq_spline.h: 64); the interval lo < hi, finite.
 inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x, const at::Tensor& params,
-                                   int64_t bins, double bound, const std::optional<at::Tensor>& per_row) {
+                                   int64_t bins, double lo, double hi, bool learned_ends,
+                                   const std::optional<at::Tensor>& per_row) {
   TORCH_CHECK(bins >= 1 && bins <= 64, "flowkern: the rq_spline kernels take bins in [1, 64], got ", bins);
-  TORCH_CHECK(bound > 0 && std::isfinite(bound), "flowkern: rq_spline bound must be positive and finite, got ",
-              bound);
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi && std::isfinite(hi - lo),
+              "flowkern: rq_spline needs a finite interval lo < hi, got [", lo, ", ", hi, "]");
   TORCH_CHECK(x.dim() >= 1, "flowkern: rq_spline needs a batch dimension");
   TORCH_CHECK(like_x.sizes() == x.sizes(), "flowkern: rq_spline tensors differ in shape: ", x.sizes(), ", ",
               like_x.sizes());
   auto psize = x.sizes().vec();
-  psize.push_back(3 * bins - 1);
+  psize.push_back(math::rq_params_per_element(static_cast<int>(bins), learned_ends));
   TORCH_CHECK(params.sizes() == at::IntArrayRef(psize), "flowkern: rq_spline params must have shape ",
               at::IntArrayRef(psize), ", got ", params.sizes());
   TORCH_CHECK(x.scalar_type() == like_x.scalar_type() && x.scalar_type() == params.scalar_type(),
@@ -159,7 +161,7 @@ inline void check_rq_spline_inputs(const at::Tensor& x, const at::Tensor& like_x
 
 // The knot style of rq_spline (math/rq_spline.h's RqStyle), checked.
 inline math::RqStyle rq_style(int64_t bins, double min_width, double min_height, double min_derivative,
-                              bool exp_derivative, double log_slope) {
+                              bool exp_derivative, double log_slope, bool learned_ends) {
   TORCH_CHECK(min_width >= 0 && min_width * bins <= 1 && min_height >= 0 && min_height * bins <= 1,
               "flowkern: rq_spline needs 0 <= min_width, min_height and bins * them <= 1, got ", min_width, ", ",
               min_height, " for ", bins, " bins");
@@ -167,7 +169,16 @@ inline math::RqStyle rq_style(int64_t bins, double min_width, double min_height,
               "flowkern: rq_spline min_derivative must be >= 0 and finite, got ", min_derivative);
   TORCH_CHECK(log_slope <= 0 && std::isfinite(log_slope), "flowkern: rq_spline log_slope must be <= 0, got ",
               log_slope);
-  return math::RqStyle{min_width, min_height, min_derivative, exp_derivative, log_slope};
+  return math::RqStyle{min_width, min_height, min_derivative, exp_derivative, log_slope, learned_ends};
+}
+
+// Every check of an rq_spline launcher (its tensors, interval and style); returns the style.
+inline math::RqStyle check_rq_spline(const at::Tensor& x, const at::Tensor& like_x, const at::Tensor& params,
+                                     int64_t bins, double lo, double hi, const std::optional<at::Tensor>& per_row,
+                                     double min_width, double min_height, double min_derivative,
+                                     bool exp_derivative, double log_slope, bool learned_ends) {
+  check_rq_spline_inputs(x, like_x, params, bins, lo, hi, learned_ends, per_row);
+  return rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope, learned_ends);
 }
 
 // Turns the runtime (mode, inverse) pair of affine_coupling into template arguments, so each
@@ -213,15 +224,14 @@ inline void check_affine_factor(int64_t mode, bool uses_factor) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_merge_bwd_out(                        \
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& out,  \
       const at::Tensor& params, int64_t mode, double clamp, bool inverse, bool kept_first);            \
-  std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,    \
-                                                   double bound, bool inverse,                                     \
-                                                   const std::optional<at::Tensor>& logdet, double min_width,       \
-                                                   double min_height, double min_derivative, bool exp_derivative,   \
-                                                   double log_slope);                                               \
+  std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(                                                                \
+      const at::Tensor& x, const at::Tensor& params, int64_t bins, double lo, double hi, bool inverse,            \
+      const std::optional<at::Tensor>& logdet, double min_width, double min_height, double min_derivative,       \
+      bool exp_derivative, double log_slope, bool learned_ends);                                                   \
   std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(                                                                \
       const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,           \
-      const at::Tensor& params, int64_t bins, double bound, bool inverse, double min_width, double min_height,    \
-      double min_derivative, bool exp_derivative, double log_slope);
+      const at::Tensor& params, int64_t bins, double lo, double hi, bool inverse, double min_width,               \
+      double min_height, double min_derivative, bool exp_derivative, double log_slope, bool learned_ends);
 
 namespace cpu {
 FLOWKERN_DECLARE_LAUNCHERS

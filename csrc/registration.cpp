@@ -31,13 +31,15 @@ TORCH_LIBRARY(flowkern, m) {
   // logdet (B,) = logdet_in + the row's sum of log|dout/dx| (float32, float64 for float64 x).
   // The knot style (flowkern.reference.rq_spline): min sizes and derivative, exp or softplus
   // derivatives, zuko's soft clamp with log(slope) (0: none).
-  m.def("rq_spline_fwd(Tensor x, Tensor params, int bins, float bound, bool inverse, Tensor? logdet, "
-        "float min_width, float min_height, float min_derivative, bool exp_derivative, float log_slope) "
-        "-> (Tensor, Tensor)");
+  // The interval [lo, hi] ([-bound, bound] for nflows' linear tails); learned_ends: nflows'
+  // tails=None, 3 bins + 1 params per element (the end derivatives too).
+  m.def("rq_spline_fwd(Tensor x, Tensor params, int bins, float lo, float hi, bool inverse, Tensor? logdet, "
+        "float min_width, float min_height, float min_derivative, bool exp_derivative, float log_slope, "
+        "bool learned_ends) -> (Tensor, Tensor)");
   // (grad x_in, grad params); x_in is the op's input (x going forward, y going back).
-  m.def("rq_spline_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor x_in, Tensor params, int bins, float bound, "
-        "bool inverse, float min_width, float min_height, float min_derivative, bool exp_derivative, "
-        "float log_slope) -> (Tensor, Tensor)");
+  m.def("rq_spline_bwd(Tensor grad_out, Tensor? grad_logdet, Tensor x_in, Tensor params, int bins, float lo, "
+        "float hi, bool inverse, float min_width, float min_height, float min_derivative, bool exp_derivative, "
+        "float log_slope, bool learned_ends) -> (Tensor, Tensor)");
 
   // The per-channel ops take x (B, C, *spatial) viewed as (B, C, S), S = prod(spatial), and (C,)
   // parameters of x's dtype; their log-det is the same for every row. Their CPU and CUDA

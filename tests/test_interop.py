@@ -171,7 +171,7 @@ def test_explain_says_what_was_left_and_why():
 
     net = lambda i, o: ResidualNet(i, o, hidden_features=8)  # noqa: E731
     model = CompositeTransform([
-        PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D), net, tails=None),
+        PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D), net, tails="circular"),
         MyCoupling(create_alternating_binary_mask(D), net, tails="linear"),
         RandomPermutation(D),
     ])
@@ -179,11 +179,40 @@ def test_explain_says_what_was_left_and_why():
     report = explain(model)
     why = {e.name: e.why for e in report.entries}
     assert not report.accelerated
-    assert "tails=None" in why["_transforms.0"]
+    assert "tails='circular'" in why["_transforms.0"]
     assert "subclass" in why["_transforms.1"]
     assert "no fused version" in why["_transforms.2"]
     assert "_transforms" not in why  # the composite itself is not a transform to report
     assert "left as they are" in str(report)
+
+
+def test_nflows_tails_none_matches():
+    """tails=None, nflows' default for its spline transforms: the spline on [0, 1] with learned end
+    slopes (3K + 1 params). A stack of them keeps [0, 1] (nflows raises outside it), with the
+    coupling's unconditional CDF and the autoregressive spline; both directions and gradients."""
+    torch.manual_seed(0)
+    net = lambda i, o: ResidualNet(i, o, hidden_features=16, context_features=C, num_blocks=2)  # noqa: E731
+    layers = [PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D), net, num_bins=5,
+                                                          apply_unconditional_transform=True),
+              MaskedPiecewiseRationalQuadraticAutoregressiveTransform(D, 16, context_features=C, num_bins=4),
+              PiecewiseRationalQuadraticCouplingTransform(create_alternating_binary_mask(D, even=False), net,
+                                                          num_bins=7, min_bin_width=0.02, min_derivative=0.05)]
+    plain = _jiggle(CompositeTransform(layers).double())
+    assert all(t.tails is None for t in plain._transforms)
+    fast = flowkern.accelerate(plain, inplace=False)
+    assert sum(map(is_accelerated, fast.modules())) == 4  # with the unconditional CDF
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.rand(40, D, generator=g, dtype=torch.float64), torch.randn(40, C, generator=g, dtype=torch.float64)
+    x[0] = torch.tensor([0.0, 1.0, 0.5, 1e-9, 1 - 1e-9], dtype=torch.float64)  # the ends
+    check_same(plain, fast, lambda m: m(x, context=c))
+    with torch.no_grad():
+        z = plain(x, context=c)[0]
+    for tp, tf in zip(plain._transforms, fast._transforms):
+        check_same(tp, tf, lambda m: m.inverse(z, context=c))
+    with torch.no_grad():  # outside [0, 1] nflows raises; the fused spline passes it through
+        out = torch.tensor([[-0.5, 1.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+        y, ld = fast._transforms[1](out, context=c[:1])
+        assert torch.isfinite(ld).all() and y[0, 0].item() == -0.5 and y[0, 1].item() == 1.5
 
 
 def test_nflows_coupling_with_an_unconditional_spline():

@@ -1,22 +1,24 @@
 """The fused spline kernels (compiled CPU/CUDA, Triton) against the float64 reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import flowkern
 from flowkern.ops import rq_spline
-from flowkern.reference.rq_spline import spline_knots
+from flowkern.reference.rq_spline import params_per_element, spline_knots
 
 from conftest import kernel_backends
 from tolerances import check_agree, check_op_roundtrip
 
 
-def make(shape, bins, device, p_scale=1.0, x_scale=2.0, seed=0):
+def make(shape, bins, device, p_scale=1.0, x_scale=2.0, seed=0, tails="linear"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * x_scale).to(device)
-    params = (torch.randn(*shape, 3 * bins - 1, generator=g, dtype=torch.float64) * p_scale).to(device)
-    return x, params
+    params = (torch.randn(*shape, params_per_element(bins, tails), generator=g, dtype=torch.float64) * p_scale)
+    return x, params.to(device)
 
 
 def compare(backend, device, x, params, bins, inverse, bound=3.0, seed=0):
@@ -141,3 +143,71 @@ def test_zuko_style_extreme_params_stay_finite(backend, device):
         for inverse in (False, True):
             y, ld = rq_spline(x.float(), params.float(), bins=6, inverse=inverse, **STYLES["zuko"])
             assert torch.isfinite(y).all() and torch.isfinite(ld).all()
+
+
+# Intervals other than [-B, B], and learned end slopes (nflows' tails=None on [0, 1]).
+INTERVALS = {
+    "nflows-none": dict(bound=(0.0, 1.0), tails=None),
+    "shifted-linear": dict(bound=(-1.0, 2.5)),
+    "shifted-none-zuko": dict(bound=(-4.0, -0.5), tails=None, **STYLES["zuko"]),
+    "none-mins": dict(bound=(0.0, 1.0), tails=None, **STYLES["mins"]),
+}
+
+
+def interval_inputs(kw, bins, device, seed=0):
+    """x spread over the interval and beyond it, with its ends, a knot and far outside in the first row."""
+    lo, hi = kw["bound"]
+    x, params = make((3, 11), bins, device, p_scale=1.5, x_scale=1.0, seed=seed, tails=kw.get("tails", "linear"))
+    x = lo + (hi - lo) * torch.sigmoid(1.5 * x)  # inside, most of them
+    style = {k: v for k, v in kw.items() if k != "bound"}
+    xk, yk, _ = spline_knots(params.double(), bins, kw["bound"], **style)
+    x[0, :6] = torch.tensor([lo, hi, lo - 0.25, hi + 3.0, 1e6, float(xk[0, 5, min(1, bins)])], dtype=x.dtype)
+    x[1, 0] = yk[1, 0, min(1, bins)]  # a y knot, for the inverse
+    return x, params
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+@pytest.mark.parametrize("case", list(INTERVALS))
+@pytest.mark.parametrize("bins", [1, 2, 8])
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inv"])
+def test_kernels_match_reference_on_intervals_and_learned_ends(backend, device, case, bins, inverse):
+    kw = INTERVALS[case]
+    x, params = interval_inputs(kw, bins, device)
+    ld_in = torch.randn(3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    check_agree("rq_spline", dict(x=x, params=params, logdet=ld_in), dict(bins=bins, inverse=inverse, **kw),
+                backend=backend, device=device)
+    check_op_roundtrip("rq_spline", dict(x=x, params=params), dict(bins=bins, inverse=inverse, **kw),
+                       backend=backend, device=device)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends())
+def test_learned_ends_are_the_end_slopes(backend, device):
+    """With tails=None the first and last derivative params set dy/dx at lo and hi: the log-det
+    there is log(d_min + softplus(u)), and the outside stays the identity (nflows raises there)."""
+    bins, lo, hi = 4, 0.0, 1.0
+    _, params = make((1, 4), bins, device, tails=None)
+    params[..., 2 * bins] = 0.7   # d_0
+    params[..., -1] = -1.3        # d_K
+    x = torch.tensor([[lo, hi, -0.5, 2.0]], dtype=torch.float64, device=device)
+    with flowkern.backend(backend):
+        y, _ = rq_spline(x.float(), params.float(), bins=bins, bound=(lo, hi), tails=None)
+        for j, u in ((0, 0.7), (1, -1.3)):
+            _, ld = rq_spline(x[:, j:j + 1].float(), params[:, j:j + 1].float(), bins=bins, bound=(lo, hi),
+                              tails=None)
+            expected = math.log(1e-3 + math.log1p(math.exp(u)))
+            assert abs(ld.item() - expected) <= 1e-5 * (1 + abs(expected))
+    assert y[0, 0].item() == lo and y[0, 1].item() == hi  # the end knots map exactly
+    assert y[0, 2].item() == -0.5 and y[0, 3].item() == 2.0
+
+
+def test_float64_kernel_gradcheck_learned_ends():
+    if "cpu" not in flowkern.available_backends():
+        pytest.skip("compiled CPU backend not built")
+    x, params = make((2, 3), 3, "cpu", tails=None)
+    x = torch.sigmoid(x).requires_grad_()
+    ld = torch.randn(2, dtype=torch.float64).requires_grad_()
+    for inverse in (False, True):
+        with flowkern.backend("cpu"):
+            assert torch.autograd.gradcheck(
+                lambda a, p, l: rq_spline(a, p, bins=3, bound=(0.0, 1.0), tails=None, inverse=inverse, logdet=l),
+                (x, params.requires_grad_(), ld))

@@ -10,7 +10,6 @@ tiny shapes only. Run on the CPU with TRITON_INTERPRET=1 set before Python start
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 
@@ -20,18 +19,11 @@ import torch
 import flowkern
 from flowkern.reference.rq_spline import rq_spline_ref, spline_knots
 
-from tolerances import OPS, check_finite_and_agree, make_case
+from spline_launchers import DEVICE, LAUNCHER_OP, TRITON, launch_style, tk
+from tolerances import check_finite_and_agree, make_case
 
 
-def _device():
-    if "triton" not in flowkern.available_backends():
-        return None
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DEVICE = _device()
-pytestmark = [pytest.mark.triton,
-              pytest.mark.skipif(DEVICE is None, reason="Triton needs a CUDA device or TRITON_INTERPRET=1")]
+pytestmark = TRITON
 
 BOUND = 3.0
 
@@ -42,52 +34,6 @@ STYLES = {
     "zuko": dict(min_width=0.0, min_height=0.0, min_derivative=0.0, derivative="exp", slope=1e-3),
     "slope-softplus": dict(slope=1e-2),
 }
-STYLE_KEYS = ("min_width", "min_height", "min_derivative", "derivative", "slope")
-
-
-def tk():
-    from flowkern.triton import rq_spline
-
-    return rq_spline
-
-
-def launch_style(style: dict) -> tuple:
-    """The launchers' (min_width, min_height, min_derivative, exp_derivative, log_slope)."""
-    slope = style.get("slope")
-    return (style.get("min_width", 1e-3), style.get("min_height", 1e-3), style.get("min_derivative", 1e-3),
-            style.get("derivative", "softplus") == "exp", 0.0 if slope is None else math.log(slope))
-
-
-class _Launchers(torch.autograd.Function):
-    """The fwd launcher, differentiated by the bwd launcher (what the op layer wires up)."""
-
-    @staticmethod
-    def forward(ctx, x, params, logdet, bins, bound, inverse, style):
-        out, ld = tk().rq_spline_fwd(x, params, bins, bound, inverse, logdet, *style)
-        ctx.save_for_backward(x, params)
-        ctx.config = (bins, bound, inverse, style, logdet is not None)
-        return out, ld
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_logdet):
-        x, params = ctx.saved_tensors
-        bins, bound, inverse, style, has_logdet = ctx.config
-        grad_out = torch.zeros_like(x) if grad_out is None else grad_out.contiguous()
-        gx, gp = tk().rq_spline_bwd(grad_out, grad_logdet, x, params, bins, bound, inverse, *style)
-        return gx, gp, (grad_logdet if has_logdet else None), None, None, None, None
-
-
-def launcher_call(t, kw, reference):
-    if reference:
-        return rq_spline_ref(t["x"], t["params"], logdet=t.get("logdet"), **kw)
-    style = launch_style({k: v for k, v in kw.items() if k in STYLE_KEYS})
-    return _Launchers.apply(t["x"].contiguous(), t["params"].contiguous(), t.get("logdet"), kw["bins"],
-                            kw["bound"], kw["inverse"], style)
-
-
-# The repository's spline op definition (tolerances.OPS: its conditioning, extra terms and
-# parameter perturbation scale, all style-aware), calling the launchers instead of the op.
-LAUNCHER_OP = dataclasses.replace(OPS["rq_spline"], call=launcher_call)
 
 
 def make(shape, bins, p_scale=1.0, x_scale=2.0, seed=0):
@@ -109,9 +55,9 @@ def launch(x, params, bins, inverse, style, logdet=None, grad_out=None, grad_log
     dev = lambda t: None if t is None else t.to(DEVICE, torch.float32).contiguous()  # noqa: E731
     x, params = dev(x), dev(params)
     a = launch_style(style)
-    out, ld = tk().rq_spline_fwd(x, params, bins, BOUND, inverse, dev(logdet), *a)
+    out, ld = tk().rq_spline_fwd(x, params, bins, -BOUND, BOUND, inverse, dev(logdet), *a)
     g = dev(grad_out) if grad_out is not None else torch.ones_like(x)
-    gx, gp = tk().rq_spline_bwd(g, dev(grad_logdet), x, params, bins, BOUND, inverse, *a)
+    gx, gp = tk().rq_spline_bwd(g, dev(grad_logdet), x, params, bins, -BOUND, BOUND, inverse, *a)
     return tuple(t.cpu() for t in (out, ld, gx, gp))
 
 
@@ -192,9 +138,10 @@ def test_vmap_and_fake_tensors_take_the_style():
     style = launch_style(STYLES["zuko"])
     x, params, _ = make((2, 3, 4), bins, seed=7)
     x, params = x.to(DEVICE, torch.float32), params.to(DEVICE, torch.float32)
-    out, ld = torch.func.vmap(lambda a, p: tk().rq_spline_fwd(a, p, bins, BOUND, False, None, *style))(x, params)
+    fn = lambda a, p: tk().rq_spline_fwd(a, p, bins, -BOUND, BOUND, False, None, *style)  # noqa: E731
+    out, ld = torch.func.vmap(fn)(x, params)
     for i in range(2):
-        o, l = tk().rq_spline_fwd(x[i].contiguous(), params[i].contiguous(), bins, BOUND, False, None, *style)
+        o, l = tk().rq_spline_fwd(x[i].contiguous(), params[i].contiguous(), bins, -BOUND, BOUND, False, None, *style)
         torch.testing.assert_close(out[i], o, rtol=0, atol=0)
         torch.testing.assert_close(ld[i], l, rtol=0, atol=0)
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -202,8 +149,8 @@ def test_vmap_and_fake_tensors_take_the_style():
     x0, p0 = x[0].contiguous(), params[0].contiguous()
     with FakeTensorMode() as mode:
         fx, fp = mode.from_tensor(x0), mode.from_tensor(p0)
-        o, l = torch.ops.flowkern.rq_spline_fwd_triton(fx, fp, bins, BOUND, True, None, *style)
-        gx, gp = torch.ops.flowkern.rq_spline_bwd_triton(o, l, fx, fp, bins, BOUND, True, *style)
+        o, l = torch.ops.flowkern.rq_spline_fwd_triton(fx, fp, bins, -BOUND, BOUND, True, None, *style)
+        gx, gp = torch.ops.flowkern.rq_spline_bwd_triton(o, l, fx, fp, bins, -BOUND, BOUND, True, *style)
     assert o.shape == fx.shape and l.shape == (3,) and gx.shape == fx.shape and gp.shape == fp.shape
 
 
@@ -231,10 +178,10 @@ def test_bad_styles_are_rejected(bad, match):
     bins = 3
     x, params, _ = make((2, 2), bins)
     x, params = x.to(DEVICE, torch.float32), params.to(DEVICE, torch.float32)
-    style = dict(zip(("min_width", "min_height", "min_derivative", "exp_derivative", "log_slope"),
+    style = dict(zip(("min_width", "min_height", "min_derivative", "exp_derivative", "log_slope", "learned_ends"),
                      launch_style({})))
     style.update(bad)
     with pytest.raises(ValueError, match=match):
-        tk().rq_spline_fwd(x, params, bins, BOUND, False, None, *style.values())
+        tk().rq_spline_fwd(x, params, bins, -BOUND, BOUND, False, None, *style.values())
     with pytest.raises(ValueError, match=match):
-        tk().rq_spline_bwd(x, None, x, params, bins, BOUND, False, *style.values())
+        tk().rq_spline_bwd(x, None, x, params, bins, -BOUND, BOUND, False, *style.values())

@@ -115,6 +115,12 @@ CASES = [
     ("rq_spline", "bound nan", keyword("bound", math.nan), ValueError, "bound"),
     ("rq_spline", "bound 1e31", keyword("bound", 1e31), ValueError, "bound"),
     ("rq_spline", "bound string", keyword("bound", "3"), TypeError, "bound"),
+    ("rq_spline", "bound reversed pair", keyword("bound", (1.0, 0.0)), ValueError, "bound"),
+    ("rq_spline", "bound triple", keyword("bound", (0.0, 1.0, 2.0)), ValueError, "bound"),
+    ("rq_spline", "bound pair inf", keyword("bound", (0.0, math.inf)), ValueError, "bound"),
+    ("rq_spline", "bound pair string", keyword("bound", (0.0, "1")), TypeError, "bound"),
+    ("rq_spline", "tails circular", keyword("tails", "circular"), ValueError, "tails"),
+    ("rq_spline", "tails None params", keyword("tails", None), ValueError, "params"),
     ("rq_spline", "inverse string", keyword("inverse", "False"), TypeError, "inverse"),
     # actnorm
     ("actnorm", "x 1-D", positional(0, t(B)), ValueError, "x"),

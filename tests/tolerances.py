@@ -32,7 +32,7 @@ from flowkern import ops
 from flowkern import reference as R
 from flowkern.reference.affine_coupling import affine_coupling_merge_ref
 from flowkern.reference.batchnorm_flow import batchnorm_flow_train_ref
-from flowkern.reference.rq_spline import find_bin, spline_knots
+from flowkern.reference.rq_spline import find_bin, interval, spline_knots
 
 
 def require(ok: bool, what: str = "the test's inputs are outside the op's valid range") -> None:
@@ -296,20 +296,27 @@ def spline_roundtrip_tol(case, eps):
     """spline_roundtrip_bound at the case's elements (float64 reference slopes)."""
     x, kw = case.tensors["x"], case.kwargs
     y, log_slope = spline_slopes(case)
-    return spline_roundtrip_bound(x, y, log_slope, kw["bound"], eps, TINY[case.dtype])
+    return spline_roundtrip_bound(x, y, log_slope, bound_scale(kw["bound"]), eps, TINY[case.dtype])
 
 
-SPLINE_STYLE_KEYS = ("min_width", "min_height", "min_derivative", "derivative", "slope")
+SPLINE_STYLE_KEYS = ("min_width", "min_height", "min_derivative", "derivative", "slope", "tails")
+
+
+def bound_scale(bound) -> float:
+    """The size of the spline's interval's ends, max(|lo|, |hi|): the knots round at that scale."""
+    lo, hi = interval(bound)
+    return max(abs(lo), abs(hi))
 
 
 def spline_bin_terms(case: Case):
-    """(inside, terms): which elements lie in [-bound, bound], and the size (1 + d) / w of the
+    """(inside, terms): which elements lie in the interval, and the size (1 + d) / w of the
     terms d(log-slope)/dx is a difference of (w, h: the element's bin, d its knot slopes)."""
     x, p, kw = case.tensors["x"], case.tensors["params"], case.kwargs
     style = {k: v for k, v in kw.items() if k in SPLINE_STYLE_KEYS}
     xk, yk, dk = spline_knots(p, kw["bins"], kw["bound"], **style)
-    inside = (x >= -kw["bound"]) & (x <= kw["bound"])
-    v = torch.where(inside, x, torch.zeros_like(x))
+    lo, hi = interval(kw["bound"])
+    inside = (x >= lo) & (x <= hi)
+    v = torch.where(inside, x, torch.full_like(x, lo))
     k = find_bin(yk if kw["inverse"] else xk, v)
 
     def at(t, i):
@@ -331,7 +338,7 @@ def spline_extra(case: Case, eps: float, exact) -> Dict[str, torch.Tensor]:
     inside, terms = spline_bin_terms(case)
     _, log_slope = spline_slopes(case)
     wl = loss_weights(case, exact.outs)[1].reshape((-1,) + (1,) * (x.dim() - 1))
-    bound = case.kwargs["bound"]
+    bound = bound_scale(case.kwargs["bound"])
     out = torch.where(inside, 4 * eps * bound * (1 + torch.exp(log_slope)), torch.zeros_like(x))
     # Each parameter's gradient sums terms of size bound (the knots) times `terms` bound, which
     # cancel where the spline's shape does not depend on it.
@@ -659,13 +666,18 @@ def ref64(opdef, case, device="cpu", perturb: float = 0.0, sign=None, **kw) -> R
                     s = sign
                 v = v * (1 + perturb * s) + perturb * s * absolute.get(k, 0.0)
             tensors[k] = v
-        kw.setdefault("kwargs", {k: (v * (1 + perturb * (sign if isinstance(sign, float) else 1.0))
+        kw.setdefault("kwargs", {k: (_scaled(v, 1 + perturb * (sign if isinstance(sign, float) else 1.0))
                                      if k in PERTURBED_KWARGS else v) for k, v in case.kwargs.items()})
     return run(opdef, case, None, device, float64=True, tensors=tensors, **kw)
 
 
 # Scalar arguments a kernel may hold in float32 (the spline's bound places every knot).
 PERTURBED_KWARGS = ("bound", "eps", "alpha", "clamp")
+
+
+def _scaled(v, factor):
+    """A scalar argument times factor; a pair (the spline's (lo, hi)) end by end."""
+    return tuple(e * factor for e in v) if isinstance(v, tuple) else v * factor
 
 
 def all_finite(res: Result, opdef: OpDef, case: Case) -> None:

@@ -209,11 +209,11 @@ void store_params(const scalar_t* src, int64_t lanes, int np, scalar_t* dst) {
 
 template <typename scalar_t, bool INVERSE>
 void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t* ld_out, const scalar_t* ld_in,
-              int64_t rows, int64_t n, int bins, scalar_t bound, const RqStyle& st) {
+              int64_t rows, int64_t n, int bins, scalar_t lo, scalar_t hi, const RqStyle& st) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int np = 3 * bins - 1;
-  const Vec vbound(bound);
+  const int np = rq_params_per_element(bins, st.learned_ends);
+  const RqInterval<Vec> iv{Vec(lo), Vec(hi)};
   at::parallel_for(0, rows, row_grain(n, 4096), [&](int64_t r0, int64_t r1) {
     alignas(64) scalar_t pbuf[kRqMaxParams * W];
     std::fill_n(pbuf, np * W, scalar_t(0));
@@ -227,7 +227,7 @@ void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t
         const int64_t i = base + j;
         load_params(params + i * np, lanes, np, pbuf);
         Vec o, ld;
-        rq_spline_forward<INVERSE>(Vec::loadu(x + i, lanes), u, bins, vbound, st, sx, sy, o, ld);
+        rq_spline_forward<INVERSE>(Vec::loadu(x + i, lanes), u, bins, iv, st, sx, sy, o, ld);
         o.store(out + i, lanes);
         acc = acc + (lanes == W ? ld : Vec::set(Vec(scalar_t(0)), ld, lanes));
       }
@@ -238,11 +238,11 @@ void fwd_rows(const scalar_t* x, const scalar_t* params, scalar_t* out, scalar_t
 
 template <typename scalar_t, bool INVERSE>
 void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const scalar_t* params, scalar_t* grad_x,
-              scalar_t* grad_params, int64_t rows, int64_t n, int bins, scalar_t bound, const RqStyle& st) {
+              scalar_t* grad_params, int64_t rows, int64_t n, int bins, scalar_t lo, scalar_t hi, const RqStyle& st) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int np = 3 * bins - 1;
-  const Vec vbound(bound);
+  const int np = rq_params_per_element(bins, st.learned_ends);
+  const RqInterval<Vec> iv{Vec(lo), Vec(hi)};
   at::parallel_for(0, rows, row_grain(n, 4096), [&](int64_t r0, int64_t r1) {
     alignas(64) scalar_t pbuf[kRqMaxParams * W];
     alignas(64) scalar_t gbuf[kRqMaxParams * W];
@@ -258,8 +258,8 @@ void bwd_rows(const scalar_t* g, const scalar_t* gld, const scalar_t* x, const s
         const int64_t i = base + j;
         load_params(params + i * np, lanes, np, pbuf);
         Vec gi;
-        rq_spline_backward<INVERSE>(Vec::loadu(g + i, lanes), vgld, Vec::loadu(x + i, lanes), u, bins, vbound,
-                                    st, sx, sy, gi, store);
+        rq_spline_backward<INVERSE>(Vec::loadu(g + i, lanes), vgld, Vec::loadu(x + i, lanes), u, bins, iv, st,
+                                    sx, sy, gi, store);
         gi.store(grad_x + i, lanes);
         store_params(gbuf, lanes, np, grad_params + i * np);
       }
@@ -275,11 +275,12 @@ void check_cpu_dtype(const at::Tensor& t) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,
-                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet,
-                                                 double min_width, double min_height, double min_derivative,
-                                                 bool exp_derivative, double log_slope) {
-  check_rq_spline_inputs(x, x, params, bins, bound, logdet);
-  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
+                                                 double lo, double hi, bool inverse,
+                                                 const std::optional<at::Tensor>& logdet, double min_width,
+                                                 double min_height, double min_derivative, bool exp_derivative,
+                                                 double log_slope, bool learned_ends) {
+  const RqStyle st = check_rq_spline(x, x, params, bins, lo, hi, logdet, min_width, min_height, min_derivative,
+                                     exp_derivative, log_slope, learned_ends);
   check_cpu_dtype(x);
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -290,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
     auto run = [&](auto inv_c) {
       fwd_rows<scalar_t, decltype(inv_c)::value>(x.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
                                                  out.data_ptr<scalar_t>(), ld.data_ptr<scalar_t>(), ld_in, rows, n,
-                                                 static_cast<int>(bins), static_cast<scalar_t>(bound), st);
+                                                 static_cast<int>(bins), static_cast<scalar_t>(lo),
+                                                 static_cast<scalar_t>(hi), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});
@@ -300,11 +302,12 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
                                                  const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,
-                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse,
-                                                 double min_width, double min_height, double min_derivative,
-                                                 bool exp_derivative, double log_slope) {
-  check_rq_spline_inputs(x_in, grad_out, params, bins, bound, grad_logdet);
-  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
+                                                 const at::Tensor& params, int64_t bins, double lo, double hi,
+                                                 bool inverse, double min_width, double min_height,
+                                                 double min_derivative, bool exp_derivative, double log_slope,
+                                                 bool learned_ends) {
+  const RqStyle st = check_rq_spline(x_in, grad_out, params, bins, lo, hi, grad_logdet, min_width, min_height,
+                                     min_derivative, exp_derivative, log_slope, learned_ends);
   check_cpu_dtype(x_in);
   const int64_t rows = x_in.size(0);
   const int64_t n = rows == 0 ? 0 : x_in.numel() / rows;
@@ -316,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
       bwd_rows<scalar_t, decltype(inv_c)::value>(grad_out.data_ptr<scalar_t>(), gld, x_in.data_ptr<scalar_t>(),
                                                  params.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
                                                  grad_params.data_ptr<scalar_t>(), rows, n, static_cast<int>(bins),
-                                                 static_cast<scalar_t>(bound), st);
+                                                 static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});

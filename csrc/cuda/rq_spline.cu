@@ -26,20 +26,20 @@ using namespace flowkern::math;
 
 template <typename scalar_t, typename acc_t, bool INVERSE>
 __global__ void rq_spline_fwd_kernel(const scalar_t* __restrict__ x,       // (rows, n)
-                                     const scalar_t* __restrict__ params,  // (rows, n, 3 bins - 1)
+                                     const scalar_t* __restrict__ params,  // (rows, n, params per element)
                                      scalar_t* __restrict__ out,           // (rows, n)
                                      acc_t* __restrict__ ld_out, const acc_t* __restrict__ ld_in,  // (rows,)
                                      int64_t n,  // elements per row = row stride of x and out
-                                     int bins, acc_t bound, RqStyle st) {
+                                     int bins, RqInterval<acc_t> iv, RqStyle st) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * n;
-  const int np = 3 * bins - 1;
+  const int np = rq_params_per_element(bins, st.learned_ends);
   acc_t sx[kRqMaxBins], sy[kRqMaxBins];
   acc_t acc = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const scalar_t* p = params + (base + j) * np;
     const auto u = [p](int i) { return static_cast<acc_t>(p[i]); };
     acc_t o, ld;
-    rq_spline_forward<INVERSE>(static_cast<acc_t>(x[base + j]), u, bins, bound, st, sx, sy, o, ld);
+    rq_spline_forward<INVERSE>(static_cast<acc_t>(x[base + j]), u, bins, iv, st, sx, sy, o, ld);
     out[base + j] = static_cast<scalar_t>(o);
     acc += ld;
   }
@@ -51,12 +51,12 @@ template <typename scalar_t, typename acc_t, bool INVERSE>
 __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (numel,) dL/d(out)
                                      const acc_t* __restrict__ gld,     // (rows,) dL/d(logdet), or null
                                      const scalar_t* __restrict__ x,    // (numel,) the op's input
-                                     const scalar_t* __restrict__ params,  // (numel, 3 bins - 1)
+                                     const scalar_t* __restrict__ params,  // (numel, params per element)
                                      scalar_t* __restrict__ grad_x,     // (numel,)
-                                     scalar_t* __restrict__ grad_params,   // (numel, 3 bins - 1)
+                                     scalar_t* __restrict__ grad_params,   // (numel, params per element)
                                      int64_t numel, int64_t n,  // n: elements per row, maps index -> row
-                                     int bins, acc_t bound, RqStyle st) {
-  const int np = 3 * bins - 1;
+                                     int bins, RqInterval<acc_t> iv, RqStyle st) {
+  const int np = rq_params_per_element(bins, st.learned_ends);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   acc_t sx[kRqMaxBins], sy[kRqMaxBins];
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
@@ -66,8 +66,8 @@ __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (nume
     const auto store = [gp](int k, acc_t value) { gp[k] = static_cast<scalar_t>(value); };
     const acc_t row_gld = gld ? gld[i / n] : acc_t(0);
     acc_t gi;
-    rq_spline_backward<INVERSE>(static_cast<acc_t>(g[i]), row_gld, static_cast<acc_t>(x[i]), u, bins, bound, st,
-                                sx, sy, gi, store);
+    rq_spline_backward<INVERSE>(static_cast<acc_t>(g[i]), row_gld, static_cast<acc_t>(x[i]), u, bins, iv, st, sx,
+                                sy, gi, store);
     grad_x[i] = static_cast<scalar_t>(gi);
   }
 }
@@ -75,11 +75,12 @@ __global__ void rq_spline_bwd_kernel(const scalar_t* __restrict__ g,    // (nume
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::Tensor& params, int64_t bins,
-                                                 double bound, bool inverse, const std::optional<at::Tensor>& logdet,
-                                                 double min_width, double min_height, double min_derivative,
-                                                 bool exp_derivative, double log_slope) {
-  check_rq_spline_inputs(x, x, params, bins, bound, logdet);
-  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
+                                                 double lo, double hi, bool inverse,
+                                                 const std::optional<at::Tensor>& logdet, double min_width,
+                                                 double min_height, double min_derivative, bool exp_derivative,
+                                                 double log_slope, bool learned_ends) {
+  const RqStyle st = check_rq_spline(x, x, params, bins, lo, hi, logdet, min_width, min_height, min_derivative,
+                                     exp_derivative, log_slope, learned_ends);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int64_t n = rows == 0 ? 0 : x.numel() / rows;
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
     auto run = [&](auto inv_c) {
       rq_spline_fwd_kernel<scalar_t, acc_t, decltype(inv_c)::value><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
           x.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ld.data_ptr<acc_t>(), ld_in,
-          n, static_cast<int>(bins), static_cast<acc_t>(bound), st);
+          n, static_cast<int>(bins), RqInterval<acc_t>{static_cast<acc_t>(lo), static_cast<acc_t>(hi)}, st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});
@@ -107,11 +108,12 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_fwd(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
                                                  const std::optional<at::Tensor>& grad_logdet, const at::Tensor& x_in,
-                                                 const at::Tensor& params, int64_t bins, double bound, bool inverse,
-                                                 double min_width, double min_height, double min_derivative,
-                                                 bool exp_derivative, double log_slope) {
-  check_rq_spline_inputs(x_in, grad_out, params, bins, bound, grad_logdet);
-  const RqStyle st = rq_style(bins, min_width, min_height, min_derivative, exp_derivative, log_slope);
+                                                 const at::Tensor& params, int64_t bins, double lo, double hi,
+                                                 bool inverse, double min_width, double min_height,
+                                                 double min_derivative, bool exp_derivative, double log_slope,
+                                                 bool learned_ends) {
+  const RqStyle st = check_rq_spline(x_in, grad_out, params, bins, lo, hi, grad_logdet, min_width, min_height,
+                                     min_derivative, exp_derivative, log_slope, learned_ends);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t rows = x_in.size(0);
   const int64_t numel = x_in.numel();
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& grad_out,
       rq_spline_bwd_kernel<scalar_t, acc_t, decltype(inv_c)::value><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           grad_out.data_ptr<scalar_t>(), gld, x_in.data_ptr<scalar_t>(), params.data_ptr<scalar_t>(),
           grad_x.data_ptr<scalar_t>(), grad_params.data_ptr<scalar_t>(), numel, n, static_cast<int>(bins),
-          static_cast<acc_t>(bound), st);
+          RqInterval<acc_t>{static_cast<acc_t>(lo), static_cast<acc_t>(hi)}, st);
     };
     if (inverse) run(std::true_type{});
     else run(std::false_type{});

@@ -3,8 +3,9 @@
 // (nflows' unconstrained spline, linear tails, minimal bin width / height / derivative 1e-3)
 // and states the forward and inverse formulas; this file adds the backward.
 //
-// Each element has its own spline: params [uw (K) | uh (K) | ud (K - 1)], read through an
-// accessor u(i) (a SIMD lane's column of a transposed block on the CPU, the element's row of
+// Each element has its own spline on an interval [lo, hi] (RqInterval; [-B, B] for a bound B):
+// params [uw (K) | uh (K) | ud (K - 1)], or [uw (K) | uh (K) | ud (K + 1)] with learned end
+// derivatives (RqStyle::learned_ends, nflows' tails=None), read through an accessor u(i) (a SIMD lane's column of a transposed block on the CPU, the element's row of
 // global memory on CUDA). The bin is found by comparisons and selects over all knots, never by
 // a data-dependent branch or index, so a SIMD lane is just one more element.
 //
@@ -25,19 +26,19 @@
 //   knot x_k: delta Q - om gx     knot x_k1: -(theta gx + delta Q)
 //   knot y_k: gy (1 - R) - Q      knot y_k1: gy R + Q
 //   d_k: gy H R_dk + gl L_dk      d_k1: gy H R_dk1 + gl L_dk1
-// Knots to raw sizes: x_j = -B + 2B sum_{i<j} w_i, so w_i collects 2B times the gradients of
-// the knots above it (x_0 = -B and x_K = B are constants: theirs is dropped);
+// Knots to raw sizes: x_j = lo + (hi - lo) sum_{i<j} w_i, so w_i collects (hi - lo) times the
+// gradients of the knots above it (x_0 = lo and x_K = hi are constants: theirs is dropped);
 // w = m + (1 - K m) softmax(uw) gives g_uw = (1 - K m) s (g_w - <g_w, s>) (regrouped in
 // rq_size_grads so that a peaked softmax loses no digits); d = m_d + softplus(ud) gives
 // g_ud = g_d sigmoid(ud) (1 above the softplus threshold, as torch).
 // Forward op: grad_x = gx with (gy, gl) = (g, gld). Inverse op (x = F^-1(y), ld = -L): by the
 // implicit function theorem grad_y = G = (g - gld L_x) / F_x and the parameter gradient is the
-// forward's with (gy, gl) = (-G, -gld). Outside [-B, B]: identity, grad_x = g, no param gradient.
+// forward's with (gy, gl) = (-G, -gld). Outside [lo, hi]: identity, grad_x = g, no param gradient.
 //
 // Inverse: the reference's root formula, with its discriminant b^2 - 4ac rewritten as the sum
 // of squares (rho d_k1 - (1 - rho) d_k)^2 + 4 delta^2 rho (1 - rho): the same number, without
 // the cancellation that costs float32 digits on steep bins.
-// At theta = 1 the output is the upper knot itself, so +-bound map exactly onto +-bound.
+// At theta = 1 the output is the upper knot itself, so lo and hi map exactly onto lo and hi.
 #pragma once
 
 #include "common.h"
@@ -50,7 +51,13 @@ namespace flowkern {
 namespace math {
 
 constexpr int kRqMaxBins = 64;
-constexpr int kRqMaxParams = 3 * kRqMaxBins - 1;
+constexpr int kRqMaxParams = 3 * kRqMaxBins + 1;
+
+// The spline's interval [lo, hi], in the kernels' type (a SIMD vector on the CPU).
+template <typename T>
+struct RqInterval {
+  T lo, hi;
+};
 
 // The raw param i as the knots see it: soft-clamped when the style asks (sizes into
 // (l/2, -l/2), derivatives into (l, -l): fk_soft_clamp; u / (l/2) = 2u / l exactly, as the
@@ -111,7 +118,7 @@ template <typename T>
 struct RqBin {
   T k;                       // bin index: interior knots <= the input on the searched axis
   T x_lo, x_hi, y_lo, y_hi;  // the bin's knots
-  T d_lo, d_hi;              // derivatives at them (1 at +-bound)
+  T d_lo, d_hi;              // derivatives at them (1 at lo and hi unless learned)
   T sig_lo, sig_hi;          // d d / d ud at them (backward only)
 };
 
@@ -126,20 +133,20 @@ FLOWKERN_HD void rq_softmax(const U& u, int offset, int bins, T* s) {
 }
 
 // Interior knot j = 1..K-1 of a table, walked in order: size = min + (1 - K min) s_{j-1},
-// cum = size_0 + ... + size_{j-1}, knot = 2B cum - B, each step rounded as the reference's
-// torch ops round it (so on the CPU the knots are the reference's to the bit, and an input on
-// a knot takes the reference's bin). The end knots are -B and B exactly.
+// cum = size_0 + ... + size_{j-1}, knot = (hi - lo) cum + lo, each step rounded as the
+// reference's torch ops round it (so on the CPU the knots are the reference's to the bit, and
+// an input on a knot takes the reference's bin). The end knots are lo and hi exactly.
 // SEARCH: the bin of v (k = #knots <= v) and its knots. Otherwise: the knots of bin k.
 template <bool SEARCH, typename T>
-FLOWKERN_HD void rq_table(const T* s, int bins, const T& bound, double min_size, const T& v, T& k, T& lo,
+FLOWKERN_HD void rq_table(const T* s, int bins, const RqInterval<T>& iv, double min_size, const T& v, T& k, T& lo,
                           T& hi) {
-  const T m(min_size), scale(1.0 - min_size * bins), two_b = bound + bound;
+  const T m(min_size), scale(1.0 - min_size * bins), width = iv.hi - iv.lo;
   constexpr bool kExact = decltype(rq_exact_cumsum(std::declval<T>()))::value;
   T cum(0), err(0);  // kExact: cum + err is the exact sum (sizes >= 1e-3 and <= 64 of them:
                      // it needs 34 bits, and err, a sum of multiples of 2^-33 below 2^-18, 16)
   if constexpr (SEARCH) k = T(0);
-  lo = -bound;
-  hi = bound;
+  lo = iv.lo;
+  hi = iv.hi;
   for (int j = 1; j < bins; ++j) {
     const T size = m + fk_mul_rn(scale, s[j - 1]);
     T cum_j;
@@ -152,7 +159,7 @@ FLOWKERN_HD void rq_table(const T* s, int bins, const T& bound, double min_size,
       cum = cum + size;
       cum_j = cum;
     }
-    const T knot = fk_mul_rn(two_b, cum_j) - bound;
+    const T knot = fk_mul_rn(width, cum_j) + iv.lo;
     if constexpr (SEARCH) {
       const auto ge = v >= knot;  // knots increase: true for j <= k, false after
       lo = fk_where(ge, knot, lo);
@@ -183,27 +190,32 @@ FLOWKERN_HD void rq_derivative(const T& ud, const RqStyle& st, T& d, T& sig) {
 // y knots going back) and the derivatives at its knots.
 // u: the raw params as the knots see them (rq_raw applied).
 template <bool INVERSE, bool GRAD, typename T, typename U>
-FLOWKERN_HD RqBin<T> rq_locate(const T& v, const U& u, int bins, const T& bound, const RqStyle& st, T* sx, T* sy) {
+FLOWKERN_HD RqBin<T> rq_locate(const T& v, const U& u, int bins, const RqInterval<T>& iv, const RqStyle& st, T* sx,
+                               T* sy) {
   RqBin<T> b;
   rq_softmax(u, 0, bins, sx);
   rq_softmax(u, bins, bins, sy);
   if constexpr (INVERSE) {
-    rq_table<true>(sy, bins, bound, st.min_height, v, b.k, b.y_lo, b.y_hi);
-    rq_table<false>(sx, bins, bound, st.min_width, v, b.k, b.x_lo, b.x_hi);
+    rq_table<true>(sy, bins, iv, st.min_height, v, b.k, b.y_lo, b.y_hi);
+    rq_table<false>(sx, bins, iv, st.min_width, v, b.k, b.x_lo, b.x_hi);
   } else {
-    rq_table<true>(sx, bins, bound, st.min_width, v, b.k, b.x_lo, b.x_hi);
-    rq_table<false>(sy, bins, bound, st.min_height, v, b.k, b.y_lo, b.y_hi);
+    rq_table<true>(sx, bins, iv, st.min_width, v, b.k, b.x_lo, b.x_hi);
+    rq_table<false>(sy, bins, iv, st.min_height, v, b.k, b.y_lo, b.y_hi);
   }
+  // knot j's derivative param: 2K + j (learned ends, j = 0..K) or 2K + j - 1 (interior j)
+  const int first = st.learned_ends ? 0 : 1, last = st.learned_ends ? bins : bins - 1;
   T ud_lo(0), ud_hi(0);
-  for (int j = 1; j < bins; ++j) {
-    const T uj = u(2 * bins + j - 1);
+  for (int j = first; j <= last; ++j) {
+    const T uj = u(2 * bins + j - first);
     ud_lo = fk_where(b.k == T(j), uj, ud_lo);
     ud_hi = fk_where(b.k == T(j - 1), uj, ud_hi);
   }
   rq_derivative<GRAD>(ud_lo, st, b.d_lo, b.sig_lo);
   rq_derivative<GRAD>(ud_hi, st, b.d_hi, b.sig_hi);
-  b.d_lo = fk_where(b.k == T(0), T(1), b.d_lo);
-  b.d_hi = fk_where(b.k == T(bins - 1), T(1), b.d_hi);
+  if (!st.learned_ends) {
+    b.d_lo = fk_where(b.k == T(0), T(1), b.d_lo);
+    b.d_hi = fk_where(b.k == T(bins - 1), T(1), b.d_hi);
+  }
   return b;
 }
 
@@ -233,12 +245,12 @@ struct RqPoint {
   T den, q;                  // the rational function's denominator; dy/dx = delta^2 q / den^2
 };
 
-// v: the input inside the bound (callers put 0 outside, which keeps unused lanes finite).
+// v: the input inside the interval (callers put lo outside, which keeps unused lanes finite).
 template <bool INVERSE, bool GRADS, typename T, typename U>
-FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound, const RqStyle& st, T* sx,
+FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const RqInterval<T>& iv, const RqStyle& st, T* sx,
                                 T* sy) {
   RqPoint<T> p;
-  p.b = rq_locate<INVERSE, GRADS>(v, u, bins, bound, st, sx, sy);
+  p.b = rq_locate<INVERSE, GRADS>(v, u, bins, iv, st, sx, sy);
   p.w = p.b.x_hi - p.b.x_lo;
   p.h = p.b.y_hi - p.b.y_lo;
   p.delta = p.h / p.w;
@@ -254,13 +266,13 @@ FLOWKERN_HD RqPoint<T> rq_point(const T& v, const U& u, int bins, const T& bound
 }
 
 // Forward (INVERSE=false: x -> y, logdet = log dy/dx) or inverse (y -> x, logdet = -log dy/dx)
-// of one element; identity with logdet 0 outside [-bound, bound]. sx, sy: scratch of K values.
+// of one element; identity with logdet 0 outside [lo, hi]. sx, sy: scratch of K values.
 template <bool INVERSE, bool CLAMP, typename T, typename U>
-FLOWKERN_HD void rq_spline_forward_style(const T& xin, const U& u_in, int bins, const T& bound, const RqStyle& st,
-                                         T* sx, T* sy, T& out, T& logdet) {
+FLOWKERN_HD void rq_spline_forward_style(const T& xin, const U& u_in, int bins, const RqInterval<T>& iv,
+                                         const RqStyle& st, T* sx, T* sy, T& out, T& logdet) {
   const auto u = [&](int i) { return rq_raw<CLAMP>(u_in(i), i, bins, st); };
-  const auto inside = (xin >= -bound) & (xin <= bound);
-  const RqPoint<T> p = rq_point<INVERSE, false>(fk_where(inside, xin, T(0)), u, bins, bound, st, sx, sy);
+  const auto inside = (xin >= iv.lo) & (xin <= iv.hi);
+  const RqPoint<T> p = rq_point<INVERSE, false>(fk_where(inside, xin, iv.lo), u, bins, iv, st, sx, sy);
   const RqBin<T>& b = p.b;
   const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &t = p.t, &th2 = p.th2, &den = p.den, &q = p.q;
   const T r = delta / den;
@@ -273,23 +285,23 @@ FLOWKERN_HD void rq_spline_forward_style(const T& xin, const U& u_in, int bins, 
 }
 
 template <bool INVERSE, typename T, typename U>
-FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const T& bound, const RqStyle& st, T* sx,
-                                   T* sy, T& out, T& logdet) {
-  if (st.log_slope != 0) rq_spline_forward_style<INVERSE, true>(xin, u, bins, bound, st, sx, sy, out, logdet);
-  else rq_spline_forward_style<INVERSE, false>(xin, u, bins, bound, st, sx, sy, out, logdet);
+FLOWKERN_HD void rq_spline_forward(const T& xin, const U& u, int bins, const RqInterval<T>& iv, const RqStyle& st,
+                                   T* sx, T* sy, T& out, T& logdet) {
+  if (st.log_slope != 0) rq_spline_forward_style<INVERSE, true>(xin, u, bins, iv, st, sx, sy, out, logdet);
+  else rq_spline_forward_style<INVERSE, false>(xin, u, bins, iv, st, sx, sy, out, logdet);
 }
 
 // Gradients of the raw sizes of one table from those of the bin's two knots (g_lo, g_hi),
-// stored through store(offset + i, value). Size i moves the knots above it by 2B, so
-// g_w = 2B (g_lo + g_hi) below bin k, 2B g_hi at k, 0 above, and the softmax backward
+// stored through store(offset + i, value). Size i moves the knots above it by L = hi - lo, so
+// g_w = L (g_lo + g_hi) below bin k, L g_hi at k, 0 above, and the softmax backward
 // s_i (g_w_i - <g_w, s>) becomes, with S_lt, S_gt the mass of the sizes below / above k,
-//   i < k: 2B (g_lo (S_gt + s_k) + g_hi S_gt)     i = k: 2B (g_hi S_gt - g_lo S_lt)
-//   i > k: -2B (g_lo S_lt + g_hi (S_lt + s_k))
+//   i < k: L (g_lo (S_gt + s_k) + g_hi S_gt)     i = k: L (g_hi S_gt - g_lo S_lt)
+//   i > k: -L (g_lo S_lt + g_hi (S_lt + s_k))
 // which never subtracts the nearly equal g_w_i and <g_w, s> of a peaked softmax, and drops the
 // end knots' gradients by itself (g_lo has S_lt = 0 in bin 0, g_hi S_gt = 0 in the last).
 template <typename T, typename S>
-FLOWKERN_HD void rq_size_grads(const T* s, int bins, const T& k, const T& bound, double min_size, const T& g_lo,
-                               const T& g_hi, int offset, const S& store) {
+FLOWKERN_HD void rq_size_grads(const T* s, int bins, const T& k, const RqInterval<T>& iv, double min_size,
+                               const T& g_lo, const T& g_hi, int offset, const S& store) {
   T s_lt(0), s_gt(0), s_k(0);
   for (int i = 0; i < bins; ++i) {
     const T fi(i);
@@ -297,7 +309,7 @@ FLOWKERN_HD void rq_size_grads(const T* s, int bins, const T& k, const T& bound,
     s_gt = s_gt + fk_where(fi > k, s[i], T(0));
     s_k = s_k + fk_where(fi == k, s[i], T(0));
   }
-  const T c = T(1.0 - min_size * bins) * (bound + bound);
+  const T c = T(1.0 - min_size * bins) * (iv.hi - iv.lo);
   const T below = c * (g_lo * (s_gt + s_k) + g_hi * s_gt);
   const T at = c * (g_hi * s_gt - g_lo * s_lt);
   const T above = -c * (g_lo * s_lt + g_hi * (s_lt + s_k));
@@ -309,10 +321,10 @@ FLOWKERN_HD void rq_size_grads(const T* s, int bins, const T& k, const T& bound,
 
 // Backward of rq_spline_forward for one element: g = dL/d(out), gld = dL/d(row logdet), xin
 // the op's input. Writes dL/d(xin) to grad_in and dL/d(params i) through store(i, value),
-// i = 0..3K-2.
+// i = 0..3K-2 (0..3K with learned ends).
 template <bool INVERSE, bool CLAMP, typename T, typename U, typename S>
 FLOWKERN_HD void rq_spline_backward_style(const T& g, const T& gld, const T& xin, const U& u_in, int bins,
-                                          const T& bound, const RqStyle& st, T* sx, T* sy, T& grad_in,
+                                          const RqInterval<T>& iv, const RqStyle& st, T* sx, T* sy, T& grad_in,
                                           const S& store_in) {
   const auto u = [&](int i) { return rq_raw<CLAMP>(u_in(i), i, bins, st); };
   // the gradient of a clamped param goes back through the clamp
@@ -320,8 +332,8 @@ FLOWKERN_HD void rq_spline_backward_style(const T& g, const T& gld, const T& xin
     if constexpr (CLAMP) store_in(i, value * rq_raw_grad(u_in(i), i, bins, st));
     else store_in(i, value);
   };
-  const auto inside = (xin >= -bound) & (xin <= bound);
-  const RqPoint<T> p = rq_point<INVERSE, true>(fk_where(inside, xin, T(0)), u, bins, bound, st, sx, sy);
+  const auto inside = (xin >= iv.lo) & (xin <= iv.hi);
+  const RqPoint<T> p = rq_point<INVERSE, true>(fk_where(inside, xin, iv.lo), u, bins, iv, st, sx, sy);
   const RqBin<T>& b = p.b;
   const T &w = p.w, &h = p.h, &delta = p.delta, &theta = p.theta, &om = p.om, &t = p.t, &th2 = p.th2,
           &om2 = p.om2, &den = p.den, &q = p.q;
@@ -355,26 +367,28 @@ FLOWKERN_HD void rq_spline_backward_style(const T& g, const T& gld, const T& xin
   const T l_delta_w = T(2) * t * ((b.d_lo + b.d_hi) * inv_den / delta + inv_q) / w;
   const T dq = delta * (gy * delta * r_delta + gl * l_delta_w);  // delta Q
   const T qh = gy * delta * r_delta + gl * l_delta_w;            // Q
-  rq_size_grads(sx, bins, b.k, bound, st.min_width, dq - om * gx, -(theta * gx + dq), 0, store);
+  rq_size_grads(sx, bins, b.k, iv, st.min_width, dq - om * gx, -(theta * gx + dq), 0, store);
   const T one_minus_r = om * (delta * om + b.d_hi * theta) * inv_den;  // 1 - r without cancellation
-  rq_size_grads(sy, bins, b.k, bound, st.min_height, gy * one_minus_r - qh, gy * r + qh, bins, store);
+  rq_size_grads(sy, bins, b.k, iv, st.min_height, gy * one_minus_r - qh, gy * r + qh, bins, store);
 
   const T two_t_den = T(2) * t * inv_den;
   const T g_dlo = (gy * h * t * om * (delta * om + b.d_hi * theta) * inv_den2 + gl * (om2 * inv_q - two_t_den)) *
                   b.sig_lo;
   const T g_dhi = (gl * (th2 * inv_q - two_t_den) - gy * h * t * theta * (delta * theta + b.d_lo * om) * inv_den2) *
                   b.sig_hi;
-  for (int j = 1; j < bins; ++j)
-    store(2 * bins + j - 1, fk_where(b.k == T(j), g_dlo, fk_where(b.k == T(j - 1), g_dhi, T(0))));
+  const int first = st.learned_ends ? 0 : 1, last = st.learned_ends ? bins : bins - 1;
+  for (int j = first; j <= last; ++j)
+    store(2 * bins + j - first, fk_where(b.k == T(j), g_dlo, fk_where(b.k == T(j - 1), g_dhi, T(0))));
 }
 
 template <bool INVERSE, typename T, typename U, typename S>
-FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, const U& u, int bins, const T& bound,
-                                    const RqStyle& st, T* sx, T* sy, T& grad_in, const S& store) {
+FLOWKERN_HD void rq_spline_backward(const T& g, const T& gld, const T& xin, const U& u, int bins,
+                                    const RqInterval<T>& iv, const RqStyle& st, T* sx, T* sy, T& grad_in,
+                                    const S& store) {
   if (st.log_slope != 0)
-    rq_spline_backward_style<INVERSE, true>(g, gld, xin, u, bins, bound, st, sx, sy, grad_in, store);
+    rq_spline_backward_style<INVERSE, true>(g, gld, xin, u, bins, iv, st, sx, sy, grad_in, store);
   else
-    rq_spline_backward_style<INVERSE, false>(g, gld, xin, u, bins, bound, st, sx, sy, grad_in, store);
+    rq_spline_backward_style<INVERSE, false>(g, gld, xin, u, bins, iv, st, sx, sy, grad_in, store);
 }
 
 }  // namespace math

@@ -36,7 +36,7 @@ def softmax_scale(net) -> float:
 
 
 def scaled_params(params: torch.Tensor, bins: int, scale: float) -> torch.Tensor:
-    """params (..., 3K - 1) with the widths and heights times `scale` (the libraries divide them
+    """params (..., 3K - 1) (or 3K + 1) with the widths and heights times `scale` (the libraries divide them
     in place), in one multiply."""
     if scale == 1.0:
         return params
@@ -53,19 +53,24 @@ def bins_of(module) -> int:
 
 def spline_check(module) -> Optional[str]:
     tails = module.tails
-    if tails != "linear":
-        return (f"tails={tails!r}: the fused spline has linear tails (a [0, 1] domain with learned end slopes, "
-                "circular tails and per-feature tails are not covered yet)")
+    if tails not in ("linear", None):
+        return f"tails={tails!r}: the fused spline has linear tails or none (circular tails are not covered)"
     if bins_of(module) > KERNEL_MAX_BINS:
         return f"num_bins={bins_of(module)} > {KERNEL_MAX_BINS}, the fused kernels' limit"
-    if not isinstance(module.tail_bound, numbers.Real) or isinstance(module.tail_bound, bool):
+    if tails == "linear" and (not isinstance(module.tail_bound, numbers.Real) or isinstance(module.tail_bound, bool)):
         return "a tensor tail_bound (one bound per feature): the fused spline takes one bound"
     return None
 
 
 def spline_style(module) -> dict:
-    return dict(bins=bins_of(module), bound=float(module.tail_bound), min_width=module.min_bin_width,
-                min_height=module.min_bin_height, min_derivative=module.min_derivative)
+    """The fused op's keywords for the module's spline: linear tails at +-tail_bound, or with
+    tails=None the libraries' rational_quadratic_spline on [0, 1] (tail_bound unused there)."""
+    if module.tails is None:
+        domain = dict(bound=(0.0, 1.0), tails=None)
+    else:
+        domain = dict(bound=float(module.tail_bound))
+    return dict(bins=bins_of(module), min_width=module.min_bin_width, min_height=module.min_bin_height,
+                min_derivative=module.min_derivative, **domain)
 
 
 class CouplingMixin:

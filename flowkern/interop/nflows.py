@@ -2,12 +2,13 @@
 
 Covered, with the classes' own arithmetic (tests/test_interop.py):
 - PiecewiseRationalQuadraticCouplingTransform with tails="linear" (any tail_bound, num_bins <= 64,
-  min_bin_width, min_bin_height, min_derivative), its unconditional transform too when that is a
+  min_bin_width, min_bin_height, min_derivative) or tails=None (nflows' default: the spline on
+  [0, 1] with learned end slopes), its unconditional transform too when that is a
   covered one: the spline and its log-det in one fused op per direction, the features split and
   merged through strided views where the mask allows (nflows' alternating and half masks);
-- MaskedPiecewiseRationalQuadraticAutoregressiveTransform with tails="linear": the spline of
-  each pass fused (the inverse still makes one pass per feature, as nflows does);
-- PiecewiseRationalQuadraticCDF with tails="linear" on 2-D inputs;
+- MaskedPiecewiseRationalQuadraticAutoregressiveTransform with tails="linear" or None: the spline
+  of each pass fused (the inverse still makes one pass per feature, as nflows does);
+- PiecewiseRationalQuadraticCDF with tails="linear" or None on 2-D inputs;
 - AffineCouplingTransform: nflows' sigmoid(raw + 2) + 1e-3 scale is flowkern's "sigmoid" mode;
 - MaskedAffineAutoregressiveTransform (sbi's maf): its softplus(raw) + 1e-3 scale is the affine
   op's "softplus" mode (each pass of the inverse too);
@@ -17,9 +18,11 @@ Covered, with the classes' own arithmetic (tests/test_interop.py):
 The widths and heights are divided by sqrt(hidden_features) (or hidden_channels) as nflows does.
 
 Where nflows asserts (the spline inverse's negative discriminant, nflows#87), the fused spline
-takes the root of a discriminant written as a sum of squares and stays finite.
-Left as they are: tails=None (nflows' [0, 1] domain with learned end slopes), LULinear above 32
-features, and every other transform; image (4-D) inputs of a coupling run nflows' own code.
+takes the root of a discriminant written as a sum of squares and stays finite; where nflows
+raises on an input outside [0, 1] with tails=None (InputOutsideDomain), the fused spline passes
+it through unchanged with log-det 0.
+Left as they are: LULinear above 32 features and every other transform; image (4-D) inputs of a
+coupling run nflows' own code.
 """
 from __future__ import annotations
 

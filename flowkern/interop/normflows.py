@@ -4,7 +4,8 @@ normflows' spline flows hold nflows-style modules (its own copies of nflows' cod
 what is accelerated, so its wrappers' direction convention (Flow.forward maps z to x: the
 wrappers call the inner module's inverse) is kept as it is:
 - CoupledRationalQuadraticSpline -> PiecewiseRationalQuadraticCoupling with its unconditional
-  PiecewiseRationalQuadraticCDF on the identity features (tails="linear", a float tail_bound);
+  PiecewiseRationalQuadraticCDF on the identity features (tails="linear" with a float
+  tail_bound, or tails=None on [0, 1]);
 - AutoregressiveRationalQuadraticSpline -> MaskedPiecewiseRationalQuadraticAutoregressive;
 - AffineCouplingBlock -> AffineCoupling with scale_map="exp" (or scale=False: additive);
 - MaskedAffineAutoregressive (sigmoid(raw + 2) + 1e-3 scales: flowkern's "sigmoid" mode).

@@ -1,21 +1,26 @@
 """Pure-PyTorch definition of the rational-quadratic spline (Neural Spline Flows): the ground truth.
 
 The same function as nflows' `unconstrained_rational_quadratic_spline` with tails="linear",
-tail_bound=bound, and minimal bin width, height and derivative 1e-3 (Durkan et al. 2019).
+tail_bound=bound, and minimal bin width, height and derivative 1e-3 (Durkan et al. 2019);
+with tails=None and bound=(0, 1), nflows' `rational_quadratic_spline` (its tails=None).
 Every fused kernel is tested against this function run in float64; its backward is
 PyTorch's autograd of these lines. Written to be ported line by line.
 
-Parameters, per element of x: params[..., :] = [uw (bins) | uh (bins) | ud (bins - 1)].
+Parameters, per element of x: params[..., :] = [uw (bins) | uh (bins) | ud (bins - 1)], or
+with tails=None [uw (bins) | uh (bins) | ud (bins + 1)].
 
-Knots (B = bound, K = bins, w_min = min_width, h_min = min_height, d_min = min_derivative):
+The interval [lo, hi] is [-B, B] for bound=B, or bound=(lo, hi) itself. Knots (K = bins,
+w_min = min_width, h_min = min_height, d_min = min_derivative):
 
     w_i   = w_min + (1 - w_min K) softmax(uw)_i                       i = 0..K-1
-    x_0   = -B,   x_i = 2B (w_0 + ... + w_{i-1}) - B,   x_K = +B       (first/last set exactly)
+    x_0   = lo,   x_i = (hi - lo)(w_0 + ... + w_{i-1}) + lo,   x_K = hi   (first/last set exactly)
     y_i   likewise from uh and h_min
-    d_0   = d_K = 1 (slope of the identity tails),   d_i = d_min + softplus(ud_{i-1})  i = 1..K-1
+    tails="linear": d_0 = d_K = 1 (the identity tails' slope), d_i = d_min + softplus(ud_{i-1}), i = 1..K-1
+    tails=None:     d_i = d_min + softplus(ud_i), i = 0..K (the end slopes learned too)
 
-Outside [-B, B] the map is the identity with log-det 0. Inside, the bin is
-k = #{interior knots x_i <= x} (x exactly at a knot goes to the bin on its right, x = +B to
+Outside [lo, hi] the map is the identity with log-det 0 (with tails=None too, where nflows
+raises: there the map is continuous but its slope jumps at lo and hi). Inside, the bin is
+k = #{interior knots x_i <= x} (x exactly at a knot goes to the bin on its right, x = hi to
 the last bin), and with w = x_{k+1} - x_k, h = y_{k+1} - y_k, delta = h / w:
 
     theta = (x - x_k) / w                                   in [0, 1]
@@ -37,8 +42,8 @@ a = -b + delta > 0). theta is clamped into [0, 1], x = x_k + theta w, and the lo
 minus the forward's log dy/dx at theta. Exactly, a + b = delta > 0 and disc > 0, so neither
 denominator vanishes; the clamps only absorb rounding.
 
-Rounding can put y_k + h (or x_k + w) an ulp past +-bound: inside elements are clamped
-into [-bound, bound], keeping the gradient of the unclamped expression (what a kernel's
+Rounding can put y_k + h (or x_k + w) an ulp past lo or hi: inside elements are clamped
+into [lo, hi], keeping the gradient of the unclamped expression (what a kernel's
 analytic backward computes), so the inverse of an output is always the spline's.
 
 Log-dets are summed per row over every non-batch dim, in float32 (float64 for float64
@@ -71,9 +76,21 @@ MIN_HEIGHT = 1e-3
 MIN_DERIVATIVE = 1e-3
 
 
-def params_per_element(bins: int) -> int:
-    """Length of the last dim of params: bins widths, bins heights, bins - 1 derivatives."""
-    return 3 * bins - 1
+TAILS = ("linear", None)
+
+
+def params_per_element(bins: int, tails: Optional[str] = "linear") -> int:
+    """Length of the last dim of params: bins widths, bins heights, and bins - 1 derivatives
+    (tails="linear") or bins + 1 (tails=None)."""
+    return 3 * bins - 1 if tails == "linear" else 3 * bins + 1
+
+
+def interval(bound) -> Tuple[float, float]:
+    """(lo, hi) of the spline's interval: (-bound, bound) for a number, or the pair itself."""
+    if isinstance(bound, (tuple, list)):
+        lo, hi = bound
+        return float(lo), float(hi)
+    return -float(bound), float(bound)
 
 
 def identity_derivative_raw(min_derivative: float = MIN_DERIVATIVE, derivative: str = "softplus") -> float:
@@ -85,14 +102,15 @@ def identity_derivative_raw(min_derivative: float = MIN_DERIVATIVE, derivative: 
 
 
 
-def bin_edges(unnormalised: torch.Tensor, bound: float, min_size: float) -> torch.Tensor:
-    """Knot positions (..., K + 1) on [-bound, bound] from unnormalised bin sizes (..., K)."""
+def bin_edges(unnormalised: torch.Tensor, bound, min_size: float) -> torch.Tensor:
+    """Knot positions (..., K + 1) on [lo, hi] = interval(bound) from unnormalised bin sizes (..., K)."""
+    lo, hi = interval(bound)
     bins = unnormalised.shape[-1]
     sizes = min_size + (1 - min_size * bins) * torch.softmax(unnormalised, dim=-1)
     cum = torch.cumsum(sizes, dim=-1)
-    inner = (2 * bound) * cum[..., :-1] - bound
-    lo = torch.full_like(unnormalised[..., :1], -bound)
-    return torch.cat([lo, inner, -lo], dim=-1)  # the end knots exactly -bound and +bound
+    inner = (hi - lo) * cum[..., :-1] + lo  # for [-B, B]: 2B cum - B, the same rounding
+    first = torch.full_like(unnormalised[..., :1], lo)
+    return torch.cat([first, inner, torch.full_like(first, hi)], dim=-1)  # the end knots exactly lo and hi
 
 
 def spline_knots(
@@ -104,9 +122,10 @@ def spline_knots(
     min_derivative: float = MIN_DERIVATIVE,
     derivative: str = "softplus",
     slope: Optional[float] = None,
+    tails: Optional[str] = "linear",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(xk, yk, dk), each (..., bins + 1): the knots' x, y and the derivative at each knot."""
-    uw, uh, ud = params.split([bins, bins, bins - 1], dim=-1)
+    uw, uh, ud = params.split([bins, bins, params_per_element(bins, tails) - 2 * bins], dim=-1)
     if slope is not None:
         log_slope = math.log(slope)
         # zuko's expressions, to the operation: 2 u / l rounds as (2 u) / l
@@ -115,10 +134,11 @@ def spline_knots(
         ud = ud / (1 + abs(ud / log_slope))
     xk = bin_edges(uw, bound, min_width)
     yk = bin_edges(uh, bound, min_height)
-    one = params.new_ones(params.shape[:-1] + (1,))  # slope 1 at +-bound meets the identity tails
-    inner = torch.exp(ud) if derivative == "exp" else F.softplus(ud)
-    dk = torch.cat([one, min_derivative + inner, one], dim=-1)
-    return xk, yk, dk
+    inner = min_derivative + (torch.exp(ud) if derivative == "exp" else F.softplus(ud))
+    if tails is None:
+        return xk, yk, inner
+    one = params.new_ones(params.shape[:-1] + (1,))  # slope 1 at the ends meets the identity tails
+    return xk, yk, torch.cat([one, inner, one], dim=-1)
 
 
 def find_bin(knots: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -193,10 +213,11 @@ def rq_spline_ref(
     min_derivative: float = MIN_DERIVATIVE,
     derivative: str = "softplus",
     slope: Optional[float] = None,
+    tails: Optional[str] = "linear",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference rational-quadratic spline; same signature and result as flowkern.ops.rq_spline.
 
-    x (B, ...); params x.shape + (3 * bins - 1,). Returns (y, logdet): y has x's shape and
+    x (B, ...); params x.shape + (params_per_element(bins, tails),). Returns (y, logdet): y has x's shape and
     dtype, logdet (B,) the per-row sum of log|dy/dx| (negated for inverse=True), added to
     `logdet` when one is given.
     """
@@ -205,11 +226,12 @@ def rq_spline_ref(
     dtype = x.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     x, params = x.to(compute), params.to(compute)
-    inside = (x >= -bound) & (x <= bound)
-    # Elements outside take the spline at 0 instead: their unused spline branch stays finite
+    lo, hi = interval(bound)
+    inside = (x >= lo) & (x <= hi)
+    # Elements outside take the spline at lo instead: their unused spline branch stays finite
     # (x = 1e38 would give inf/NaN there, which torch.where passes on to the gradient).
-    v = torch.where(inside, x, torch.zeros_like(x))
-    xk, yk, dk = spline_knots(params, bins, bound, min_width, min_height, min_derivative, derivative, slope)
+    v = torch.where(inside, x, torch.full_like(x, lo))
+    xk, yk, dk = spline_knots(params, bins, bound, min_width, min_height, min_derivative, derivative, slope, tails)
     k = find_bin(yk if inverse else xk, v)
     x_lo, y_lo, d_lo = _at(xk, k), _at(yk, k), _at(dk, k)
     w, h, d_hi = _at(xk, k + 1) - x_lo, _at(yk, k + 1) - y_lo, _at(dk, k + 1)
@@ -218,7 +240,7 @@ def rq_spline_ref(
         log_slope = -log_slope
     else:
         out, log_slope = rq_forward(v, x_lo, w, y_lo, h, d_lo, d_hi)
-    out = torch.where(inside, _clamp_keep_grad(out, -bound, bound), x)
+    out = torch.where(inside, _clamp_keep_grad(out, lo, hi), x)
     ld = row_sum(torch.where(inside, log_slope, torch.zeros_like(log_slope)))
     if logdet is not None:
         ld = logdet + ld

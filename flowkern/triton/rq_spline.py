@@ -1,12 +1,20 @@
 """Triton kernels for the rational-quadratic spline (Neural Spline Flows): forward, inverse, backward.
 
-A restatement of flowkern/reference/rq_spline.py (the ground truth: nflows' linear-tail spline,
-boundary derivatives 1, identity outside [-B, B]), with its styles of knots as runtime arguments:
+A restatement of flowkern/reference/rq_spline.py (the ground truth: nflows' spline on an interval
+[lo, hi], identity outside it), with its styles of knots as runtime arguments:
 the minimal bin width, height and derivative (w_min, h_min, d_min; nflows' 1e-3 by default), the
 interior derivative d = d_min + softplus(u) or d_min + exp(u) (EXP_D, a compile-time flag), and
 zuko's soft clamp of the raw params first, u <- u / (1 + |a u|) with a = 2 / l for widths and
 heights and a = 1 / l for derivatives, l = log_slope < 0 (CLAMP = log_slope != 0, a compile-time
 flag). The minima and log_slope are runtime scalars, so changing them compiles nothing.
+
+The interval [lo, hi] (fp64 runtime scalars; [-B, B] for a bound B): knots x_0 = lo,
+x_j = (hi - lo) cum_j + lo, x_K = hi exactly (the reference's bin_edges, with hi - lo in fp64;
+for [-B, B] bit for bit the former 2B cum - B), likewise y. The end derivatives: with linear
+tails d_0 = d_K = 1 (3 K - 1 params per element: [uw (K) | uh (K) | ud (K - 1)]); with
+LEARNED (a compile-time flag; the reference's tails=None, nflows' rational_quadratic_spline)
+d_j = d_min + f(ud_j) for j = 0..K, the clamp and f as the interior ones (3 K + 1 params:
+[uw (K) | uh (K) | ud (K + 1)]).
 
 Layout: a 2-D grid (row, program in the row); each program walks blocks of BLOCK elements of
 its row. Per element it loads its params as three (BLOCK, KP) tiles (widths, heights,
@@ -38,20 +46,21 @@ g_d0/1 likewise, and through theta = (x - x_k) / W, s = H / W, W = x_{k+1} - x_k
     knot x_k: (g_s s - g_theta (1 - theta)) / W        knot x_{k+1}: -(g_theta theta + g_s s) / W
     knot y_k: gy (1 - R) - g_s / W                      knot y_{k+1}: gy R + g_s / W
 
-Knot j (1..K-1) is -B + 2B sum_{i<j} w_i (the end knots are fixed), so dL/dw_i = 2B (sum of the
-interior knot gradients with j > i); w = m + (1 - K m) softmax(u) gives
-dL/du_j = (1 - K m) p_j (dL/dw_j - sum_i dL/dw_i p_i); d_j = m_d + softplus(u_{j-1}) gives
-dL/du = dL/dd sigmoid(u) (exp: dL/dd exp(u)). Under the soft clamp these are the gradients of the
+Knot j (1..K-1) is lo + (hi - lo) sum_{i<j} w_i (the end knots are fixed), so dL/dw_i =
+(hi - lo) (sum of the interior knot gradients with j > i); w = m + (1 - K m) softmax(u) gives
+dL/du_j = (1 - K m) p_j (dL/dw_j - sum_i dL/dw_i p_i); d_j = m_d + softplus(u_{j-1}) (learned
+ends: u_j) gives dL/du = dL/dd sigmoid(u) (exp: dL/dd exp(u)). Under the soft clamp these are the gradients of the
 clamped params u_c = u / (1 + |a u|), and dL/du = dL/du_c / (1 + |a u|)^2.
 
     forward (inverse=False):  (gy, gl) = (g, gld);       grad_x = g F_x + gld ld_theta / W
     inverse (inverse=True):   G = (g - gld ld_theta / W) / F_x at the recomputed theta;
                               grad_y = G;  (gy, gl) = (-G, -gld), where g_theta = -g W exactly.
 
-Outside [-B, B]: grad_in = g and no parameter gradient. The inverse gradient is the analytic
-one (implicit function) also where theta lands exactly on 0 or 1 (at y knots, +-B).
+Outside [lo, hi]: grad_in = g and no parameter gradient (the lanes compute the spline at lo,
+which keeps them finite). The inverse gradient is the analytic one (implicit function) also
+where theta lands exactly on 0 or 1 (at y knots, lo and hi).
 
-Precision. The gradients are ill-conditioned in the knots: theta moves by ulp(B) / W when a knot
+Precision. The gradients are ill-conditioned in the knots: theta moves by ulp(max(|lo|, |hi|)) / W when a knot
 moves by one fp32 ulp, and the log-det's gradient has 1 / W and 1 / Q factors. A kernel with
 its own fp32 rounding of the knots errs as much as the float32 reference, but differently, and
 fails the "2x the float32 reference's error" rule at ~1% of the points. So the exps, the
@@ -62,13 +71,15 @@ the float64 reference's to the last bit; the clamped derivative params are round
 everything else is fp32. w_min, h_min and log_slope are fp64 kernel arguments (the minimal sizes
 enter the fp64 knots; d_min is fp32, like the derivatives). theta and 1 - theta are both taken from fp64 distances,
 the inverse solves the quadratic from the nearer knot, the output is formed from the nearer
-knot (exact at knots and +-B), and the softmax backward is written with partial sums of the
+knot (exact at knots, lo and hi), and the softmax backward is written with partial sums of the
 probabilities (no difference of nearly equal terms when they saturate or when the two knot
 gradients of a narrow bin nearly cancel). The bin is found on the fp64 knots, so an input within
 an fp32 ulp of a knot takes the float64 reference's bin for the same input.
 
 Inputs of any float dtype are read as such (fp16/bf16 upcast, fp64 kept for the knot
-arithmetic, the rest fp32; elements outside the bound are copied exactly in their own dtype).
+arithmetic, the rest fp32; lo <= x <= hi is tested in fp64 for fp64 inputs, else in fp32 with
+the ends rounded to fp32, as the reference does; elements outside are copied exactly in their
+own dtype).
 The log-det is float32, or float64 for float64 inputs: each program writes the fp32 partial sum
 of its elements and a second kernel adds a row's partials in a fixed order (deterministic) into
 the running log-det; a row that fits in one program writes its log-det directly.
@@ -88,12 +99,13 @@ from ._common import logdet_dtype, on_input_device, register_interpreter_fakes, 
 
 __all__ = ["rq_spline_fwd", "rq_spline_bwd"]
 
-# The launchers' style arguments (min_width, min_height, min_derivative, exp_derivative, log_slope)
-# of the default style, nflows': the kernels' results before styles existed, bit for bit.
-DEFAULT_STYLE = (MIN_WIDTH, MIN_HEIGHT, MIN_DERIVATIVE, False, 0.0)
+# The launchers' style arguments (min_width, min_height, min_derivative, exp_derivative, log_slope,
+# learned_ends) of the default style, nflows' with linear tails: the kernels' results before
+# styles existed, bit for bit.
+DEFAULT_STYLE = (MIN_WIDTH, MIN_HEIGHT, MIN_DERIVATIVE, False, 0.0, False)
 
 # Positions of the tensor arguments of the fwd / bwd ops, for their vmap rules.
-FWD_TENSOR_ARGS = (0, 1, 5)
+FWD_TENSOR_ARGS = (0, 1, 6)
 BWD_TENSOR_ARGS = (0, 1, 2, 3)
 
 _MIN_BLOCK = 16
@@ -114,14 +126,30 @@ def _softmax_tile(u, valid):
 
 
 @triton.jit
-def _right_knots(prob, cols, bound, min_size, BINS: tl.constexpr):
+def _right_knots(prob, cols, lo, hi, span, min_size, BINS: tl.constexpr):
     """(BLOCK, KP) fp64: column j holds knot j + 1, the right edge of bin j; column BINS - 1 is
-    exactly +bound, and knot 0 = -bound is implicit. min_size is the fp64 runtime minimum."""
+    exactly hi, and knot 0 = lo is implicit. Interior knots are span cum + lo with span = hi - lo
+    (fp64, as the reference's bin_edges; for [-B, B] the old 2B cum - B bit for bit). min_size is
+    the fp64 runtime minimum."""
     sizes = min_size + (1.0 - min_size * BINS) * prob
     sizes = tl.where(cols < BINS, sizes, 0.0)
     cum = tl.cumsum(sizes, axis=1)
-    # bound, an fp32 scalar, promotes exactly to fp64 against the fp64 tile
-    return tl.where(cols < BINS - 1, (2.0 * bound) * cum - bound, bound)
+    return tl.where(cols < BINS - 1, span * cum + lo, hi)
+
+
+@triton.jit
+def _inside(xin, lo, hi):
+    """lo <= x <= hi compared in the input's compute dtype, as the reference does (fp64 for
+    fp64 inputs, else fp32 with the ends rounded to fp32; fp16/bf16 upcast exactly)."""
+    if xin.dtype.is_fp64():
+        xc = xin
+        lo_c = tl.cast(lo, tl.float64)
+        hi_c = tl.cast(hi, tl.float64)
+    else:
+        xc = xin.to(tl.float32)
+        lo_c = tl.cast(lo, tl.float32)
+        hi_c = tl.cast(hi, tl.float32)
+    return (xc >= lo_c) & (xc <= hi_c)
 
 
 @triton.jit
@@ -155,9 +183,9 @@ def _clamp_tile(u, log_slope, TWO: tl.constexpr):
 
 
 @triton.jit
-def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
+def _bin_terms(v64, params_ptr, pbase, mask, lo, hi, span, min_width, min_height, min_derivative, log_slope,
                BINS: tl.constexpr, INVERSE: tl.constexpr, EXP_D: tl.constexpr, CLAMP: tl.constexpr,
-               KP: tl.constexpr, KDP: tl.constexpr):
+               LEARNED: tl.constexpr, KP: tl.constexpr, KDP: tl.constexpr):
     """The bin k of each v64 (on the x knots, or the y knots going back) and its terms:
     k; x_k, x_k+1, y_k, y_k+1 (fp64); d_k, d_k+1; the softmax probabilities of widths and heights
     (fp32 tiles); the derivative tile's d(d_min + f(u_c))/du, the chain of f' and the clamp's
@@ -166,7 +194,7 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_d
     cw = tl.arange(0, KP)[None, :]
     cd = tl.arange(0, KDP)[None, :]
     vw = mask[:, None] & (cw < BINS)
-    vd = mask[:, None] & (cd < BINS - 1)
+    vd = mask[:, None] & (cd < (BINS + 1 if LEARNED else BINS - 1))
     uw = tl.load(params_ptr + pbase[:, None] + cw, mask=vw, other=0.0).to(tl.float32)
     uh = tl.load(params_ptr + pbase[:, None] + BINS + cw, mask=vw, other=0.0).to(tl.float32)
     ud = tl.load(params_ptr + pbase[:, None] + 2 * BINS + cd, mask=vd, other=0.0).to(tl.float32)
@@ -182,8 +210,8 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_d
         fh = uh
     pw = _softmax_tile(uw, cw < BINS)
     ph = _softmax_tile(uh, cw < BINS)
-    xr = _right_knots(pw, cw, bound, min_width, BINS)
-    yr = _right_knots(ph, cw, bound, min_height, BINS)
+    xr = _right_knots(pw, cw, lo, hi, span, min_width, BINS)
+    yr = _right_knots(ph, cw, lo, hi, span, min_height, BINS)
     if INVERSE:
         search = yr
     else:
@@ -194,9 +222,9 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_d
     # derivative jumps and a float32 knot's own rounding would decide the bin).
     hit = v64[:, None] >= search
     k = tl.sum(tl.where((cw < BINS - 1) & hit, 1, 0), axis=1)
-    x_lo = tl.where(k == 0, -bound, _pick(xr, cw, k - 1))
+    x_lo = tl.where(k == 0, lo, _pick(xr, cw, k - 1))
     x_hi = _pick(xr, cw, k)
-    y_lo = tl.where(k == 0, -bound, _pick(yr, cw, k - 1))
+    y_lo = tl.where(k == 0, lo, _pick(yr, cw, k - 1))
     y_hi = _pick(yr, cw, k)
     if EXP_D:
         e_d = tl.exp(ud)
@@ -207,8 +235,14 @@ def _bin_terms(v64, params_ptr, pbase, mask, bound, min_width, min_height, min_d
         dd_du = tl.sigmoid(ud)
     if CLAMP:
         dd_du = dd_du * fd
-    d_lo = tl.where(k == 0, 1.0, _pick(dtile, cd, k - 1))
-    d_hi = tl.where(k == BINS - 1, 1.0, _pick(dtile, cd, k))
+    if LEARNED:
+        # tile column j holds d_j, j = 0..BINS: the bin's two slopes are columns k and k + 1
+        d_lo = _pick(dtile, cd, k)
+        d_hi = _pick(dtile, cd, k + 1)
+    else:
+        # column j holds d_{j+1} (the interior slopes); the end slopes are 1
+        d_lo = tl.where(k == 0, 1.0, _pick(dtile, cd, k - 1))
+        d_hi = tl.where(k == BINS - 1, 1.0, _pick(dtile, cd, k))
     return (k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, pw.to(tl.float32), ph.to(tl.float32), dd_du, cw, cd,
             fw, fh)
 
@@ -260,14 +294,16 @@ def _log_slope(theta, omt, delta, d_lo, d_hi):
 @triton.jit
 def _rq_spline_fwd_kernel(
     x_ptr,  # (B, N) contiguous input (x going forward, y going back); row stride is N
-    params_ptr,  # (B, N, 3 BINS - 1) contiguous; element e's params start at e * (3 BINS - 1)
+    params_ptr,  # (B, N, NP) contiguous, NP = 3 BINS - 1 (3 BINS + 1 if LEARNED); element e's at e * NP
     out_ptr,  # (B, N) output, x's dtype
     logdet_in_ptr,  # (B,) incoming log-det; a dummy never read unless HAS_LOGDET and DIRECT
     logdet_out_ptr,  # (B,) log-det output (fp32, or fp64 for fp64 inputs); written only if DIRECT
     partial_ptr,  # (B, P) fp32 partial log-det per program; a dummy when DIRECT
     N,  # elements per row, which is also the row stride of the contiguous (B, N) view
     P,  # programs per row (grid dim 1): program p handles blocks p, p + P, p + 2P, ...
-    bound,  # runtime float so that changing it does not trigger a recompile
+    # The interval [lo, hi], fp64 runtime scalars (no recompile per value); hi - lo in fp64.
+    lo: tl.float64,
+    hi: tl.float64,
     # The knots' style, runtime scalars (no recompile per value): the minimal bin width and
     # height (fp64: they enter the fp64 knots), the minimal derivative (fp32, like the
     # derivatives), and l = log(slope) of zuko's soft clamp (fp64; read only with CLAMP).
@@ -279,31 +315,33 @@ def _rq_spline_fwd_kernel(
     INVERSE: tl.constexpr,
     EXP_D: tl.constexpr,  # interior derivatives d_min + exp(u) (else d_min + softplus(u))
     CLAMP: tl.constexpr,  # log_slope != 0: soft-clamp the raw params first
+    LEARNED: tl.constexpr,  # learned end derivatives d_0, d_K (tails=None), else d_0 = d_K = 1
     HAS_LOGDET: tl.constexpr,
     DIRECT: tl.constexpr,  # P == 1: write the row's log-det here, no second kernel
     BLOCK: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= BINS: width of the width/height tiles
-    KDP: tl.constexpr,  # next power of two >= BINS - 1 (>= 1): width of the derivative tile
+    KDP: tl.constexpr,  # next power of two >= BINS + 1 (LEARNED) or BINS - 1 (>= 1): the derivative tile
 ):
-    # int64 before the multiply: B * N * (3 BINS - 1) may exceed 2^31 even when N alone does not.
+    # int64 before the multiply: B * N * NP may exceed 2^31 even when N alone does not.
     row = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
     # Per-lane partial sums reduced once at the end: a fixed order, independent of scheduling.
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    span = hi - lo  # fp64
     for start in range(pid * BLOCK, N, P * BLOCK):
         offs = start + lanes
         mask = offs < N
         idx = row * N + offs
         xin = tl.load(x_ptr + idx, mask=mask, other=0.0)
         # Compared in the input's own dtype, as the reference does; outside elements take the
-        # spline at 0 so that their unused branch stays finite.
-        inside = (xin >= -bound) & (xin <= bound)
-        v = tl.where(inside, xin.to(tl.float64), 0.0)
-        pbase = idx * (3 * BINS - 1)
+        # spline at lo so that their unused branch stays finite.
+        inside = _inside(xin, lo, hi)
+        v = tl.where(inside, xin.to(tl.float64), lo)
+        pbase = idx * (3 * BINS + 1 if LEARNED else 3 * BINS - 1)
         k, x_lo, x_hi, y_lo, y_hi, d_lo, d_hi, _pw, _ph, _dd, _cw, _cd, _fw, _fh = _bin_terms(
-            v, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
-            BINS, INVERSE, EXP_D, CLAMP, KP, KDP)
+            v, params_ptr, pbase, mask, lo, hi, span, min_width, min_height, min_derivative, log_slope,
+            BINS, INVERSE, EXP_D, CLAMP, LEARNED, KP, KDP)
         w = (x_hi - x_lo).to(tl.float32)
         h = (y_hi - y_lo).to(tl.float32)
         delta = h / w
@@ -362,10 +400,10 @@ def _rq_spline_logdet_kernel(
 @triton.jit
 def _size_grads(g_lo, g_hi, g_sum, k, prob, cols, scale, BINS: tl.constexpr):
     """dL/du (BLOCK, KP) of one softmax-sized knot set, from the gradients g_lo, g_hi on the bin's
-    left and right knot and g_sum = g_lo + g_hi computed without cancellation (all times 2B);
+    left and right knot and g_sum = g_lo + g_hi computed without cancellation (all times hi - lo);
     scale = 1 - K m, fp32.
 
-    Knot j = -B + 2B sum_{i<j} size_i for interior j, so dL/dsize_i = al [i < k] + b [i == k]
+    Knot j = lo + (hi - lo) sum_{i<j} size_i for interior j, so dL/dsize_i = al [i < k] + b [i == k]
     with b = g_hi and al = g_sum when knot k + 1 is interior, else b = 0 and al = g_lo. The
     softmax backward dL/dsize_j - sum_i dL/dsize_i prob_i is written with partial sums of prob
     on either side of k: no difference of nearly equal terms, neither when prob saturates nor
@@ -388,12 +426,14 @@ def _rq_spline_bwd_kernel(
     grad_out_ptr,  # (B, N) dL/d(out), contiguous; row stride is N
     grad_logdet_ptr,  # (B,) dL/d(logdet); a dummy never read unless HAS_GRAD_LOGDET
     x_in_ptr,  # (B, N) the op's input: x going forward, y going back
-    params_ptr,  # (B, N, 3 BINS - 1) contiguous; element e's params start at e * (3 BINS - 1)
+    params_ptr,  # (B, N, NP) contiguous, NP = 3 BINS - 1 (3 BINS + 1 if LEARNED); element e's at e * NP
     grad_in_ptr,  # (B, N) dL/d(x_in), x_in's dtype
-    grad_params_ptr,  # (B, N, 3 BINS - 1) dL/d(params), params' dtype
+    grad_params_ptr,  # (B, N, NP) dL/d(params), params' dtype
     N,  # elements per row, which is also the row stride of the contiguous (B, N) view
     P,  # programs per row (grid dim 1): program p handles blocks p, p + P, p + 2P, ...
-    bound,  # runtime float so that changing it does not trigger a recompile
+    # The interval [lo, hi], fp64 runtime scalars (no recompile per value); hi - lo in fp64.
+    lo: tl.float64,
+    hi: tl.float64,
     # The knots' style, runtime scalars (no recompile per value): the minimal bin width and
     # height (fp64: they enter the fp64 knots), the minimal derivative (fp32, like the
     # derivatives), and l = log(slope) of zuko's soft clamp (fp64; read only with CLAMP).
@@ -405,10 +445,11 @@ def _rq_spline_bwd_kernel(
     INVERSE: tl.constexpr,
     EXP_D: tl.constexpr,  # interior derivatives d_min + exp(u) (else d_min + softplus(u))
     CLAMP: tl.constexpr,  # log_slope != 0: soft-clamp the raw params first
+    LEARNED: tl.constexpr,  # learned end derivatives d_0, d_K (tails=None), else d_0 = d_K = 1
     HAS_GRAD_LOGDET: tl.constexpr,
     BLOCK: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= BINS: width of the width/height tiles
-    KDP: tl.constexpr,  # next power of two >= BINS - 1 (>= 1): width of the derivative tile
+    KDP: tl.constexpr,  # next power of two >= BINS + 1 (LEARNED) or BINS - 1 (>= 1): the derivative tile
 ):
     row = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
@@ -418,18 +459,21 @@ def _rq_spline_bwd_kernel(
         gld = tl.load(grad_logdet_ptr + row).to(tl.float32)
     else:
         gld = 0.0
+    span = hi - lo  # fp64: it places the knots
+    # The knot gradients' scale hi - lo, rounded once to fp32 (for [-B, B] the old 2B exactly)
+    span32 = tl.cast(span, tl.float32)
     for start in range(pid * BLOCK, N, P * BLOCK):
         offs = start + lanes
         mask = offs < N
         idx = row * N + offs
         g = tl.load(grad_out_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         xin = tl.load(x_in_ptr + idx, mask=mask, other=0.0)
-        inside = (xin >= -bound) & (xin <= bound)
-        v = tl.where(inside, xin.to(tl.float64), 0.0)
-        pbase = idx * (3 * BINS - 1)
+        inside = _inside(xin, lo, hi)
+        v = tl.where(inside, xin.to(tl.float64), lo)
+        pbase = idx * (3 * BINS + 1 if LEARNED else 3 * BINS - 1)
         k, x_lo, x_hi, y_lo, y_hi, d0, d1, pw, ph, dd_du, cw, cd, fw, fh = _bin_terms(
-            v, params_ptr, pbase, mask, bound, min_width, min_height, min_derivative, log_slope,
-            BINS, INVERSE, EXP_D, CLAMP, KP, KDP)
+            v, params_ptr, pbase, mask, lo, hi, span, min_width, min_height, min_derivative, log_slope,
+            BINS, INVERSE, EXP_D, CLAMP, LEARNED, KP, KDP)
         w = (x_hi - x_lo).to(tl.float32)
         h = (y_hi - y_lo).to(tl.float32)
         s = h / w
@@ -472,17 +516,17 @@ def _rq_spline_bwd_kernel(
         g_s = gy * h * r_s + gl * ld_s
         g_d0 = tl.where(inside, gy * h * r_d0 + gl * ld_d0, 0.0)
         g_d1 = tl.where(inside, gy * h * r_d1 + gl * ld_d1, 0.0)
-        # Knot gradients times 2B; 2B / W = 1 / (the bin's share) never overflows, for any bound.
-        two_b = 2.0 * bound
-        rw = two_b / w
+        # Knot gradients times hi - lo; (hi - lo) / W = 1 / (the bin's share) never overflows,
+        # for any interval.
+        rw = span32 / w
         gx_lo = tl.where(inside, (g_s * s - g_th * omt) * rw, 0.0)
         gx_hi = tl.where(inside, -(g_th * theta + g_s * s) * rw, 0.0)
-        gy_lo = tl.where(inside, gy * (n_hi * inv_den) * two_b - g_s * rw, 0.0)
-        gy_hi = tl.where(inside, gy * (n_lo * inv_den) * two_b + g_s * rw, 0.0)
+        gy_lo = tl.where(inside, gy * (n_hi * inv_den) * span32 - g_s * rw, 0.0)
+        gy_hi = tl.where(inside, gy * (n_lo * inv_den) * span32 + g_s * rw, 0.0)
         # Moving both knots of the bin together: the sums of the pairs above, exactly
         # (theta + (1 - theta) = 1 and n_lo + n_hi = den), without their cancellation.
         gx_sum = tl.where(inside, -g_th * rw, 0.0)
-        gy_sum = tl.where(inside, gy * two_b, 0.0)
+        gy_sum = tl.where(inside, gy * span32, 0.0)
 
         # 1 - K m rounded once to fp32 (tl.cast also takes the interpreter's Python floats)
         gpw = _size_grads(gx_lo, gx_hi, gx_sum, k, pw, cw, tl.cast(1.0 - min_width * BINS, tl.float32), BINS)
@@ -491,10 +535,14 @@ def _rq_spline_bwd_kernel(
             # through the soft clamp: d u_c / du = 1 / (1 + |a u|)^2
             gpw = gpw * fw
             gph = gph * fh
-        gdd = tl.where(cd == (k - 1)[:, None], g_d0[:, None], 0.0) + tl.where(cd == k[:, None], g_d1[:, None], 0.0)
+        if LEARNED:
+            kd = k  # d_k, d_k+1 at columns k, k + 1
+        else:
+            kd = k - 1  # d_k, d_k+1 at columns k - 1, k (d_0 = d_K = 1 have no column)
+        gdd = tl.where(cd == kd[:, None], g_d0[:, None], 0.0) + tl.where(cd == (kd + 1)[:, None], g_d1[:, None], 0.0)
         gpd = gdd * dd_du  # times f'(u_c) (sigmoid or exp) and the clamp's derivative
         vw = mask[:, None] & (cw < BINS)
-        vd = mask[:, None] & (cd < BINS - 1)
+        vd = mask[:, None] & (cd < (BINS + 1 if LEARNED else BINS - 1))
         gp_ptr = grad_params_ptr + pbase[:, None]
         gty = grad_params_ptr.dtype.element_ty
         tl.store(gp_ptr + cw, gpw.to(gty), mask=vw)
@@ -502,12 +550,13 @@ def _rq_spline_bwd_kernel(
         tl.store(gp_ptr + 2 * BINS + cd, gpd.to(gty), mask=vd)
 
 
-def _launch_config(cols: int, bins: int) -> Tuple[int, int, int, int, int]:
+def _launch_config(cols: int, bins: int, learned_ends: bool = False) -> Tuple[int, int, int, int, int]:
     """(BLOCK, KP, KDP, programs per row, num_warps)."""
     kp = triton.next_power_of_2(bins)
-    kdp = triton.next_power_of_2(max(bins - 1, 1))
-    # The three parameter tiles live in registers: cap BLOCK * KP rather than BLOCK alone.
-    cap = max(_MIN_BLOCK, min(_MAX_BLOCK, _TILE_BUDGET // kp))
+    kdp = triton.next_power_of_2(bins + 1 if learned_ends else max(bins - 1, 1))
+    # The three parameter tiles live in registers: cap BLOCK * KP rather than BLOCK alone (the
+    # learned ends' derivative tile can be twice as wide: KDP then, which linear tails never reach).
+    cap = max(_MIN_BLOCK, min(_MAX_BLOCK, _TILE_BUDGET // max(kp, kdp)))
     block = max(_MIN_BLOCK, min(triton.next_power_of_2(max(cols, 1)), cap))
     programs = min(triton.cdiv(cols, block), _MAX_PROGRAMS_PER_ROW)
     num_warps = max(1, min(8, block * kp // 256))
@@ -526,13 +575,21 @@ def _check_style(bins: int, min_width: float, min_height: float, min_derivative:
         raise ValueError(f"log_slope must be < 0 (0: no soft clamp), got {log_slope}")
 
 
-def _check_shapes(x: Tensor, params: Tensor, bins: int) -> None:
+def _check_interval(lo: float, hi: float) -> None:
+    # The knots need a finite, non-empty interval (hi - lo finite too: it scales every knot).
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and math.isfinite(hi - lo)):
+        raise ValueError(f"the spline's interval needs finite lo < hi, got lo={lo}, hi={hi}")
+
+
+def _check_shapes(x: Tensor, params: Tensor, bins: int, learned_ends: bool) -> None:
     # The kernels index params by x's element count: a mismatch would read out of bounds.
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
-    expected = tuple(x.shape) + (params_per_element(bins),)
+    tails = None if learned_ends else "linear"
+    expected = tuple(x.shape) + (params_per_element(bins, tails),)
     if tuple(params.shape) != expected:
-        raise ValueError(f"params must have shape {expected} for bins={bins}, got {tuple(params.shape)}")
+        raise ValueError(f"params must have shape {expected} for bins={bins}, tails={tails!r}, "
+                         f"got {tuple(params.shape)}")
     if not (x.is_contiguous() and params.is_contiguous()):
         raise ValueError("the Triton rq_spline kernels take contiguous x and params")
 
@@ -542,7 +599,8 @@ def _rq_spline_fwd_op(
     x: Tensor,
     params: Tensor,
     bins: int,
-    bound: float,
+    lo: float,
+    hi: float,
     inverse: bool,
     logdet: Optional[Tensor],
     min_width: float,
@@ -550,8 +608,10 @@ def _rq_spline_fwd_op(
     min_derivative: float,
     exp_derivative: bool,
     log_slope: float,
+    learned_ends: bool,
 ) -> Tuple[Tensor, Tensor]:
-    _check_shapes(x, params, bins)
+    _check_shapes(x, params, bins, learned_ends)
+    _check_interval(lo, hi)
     _check_style(bins, min_width, min_height, min_derivative, log_slope)
     rows, cols = rows_cols(x)
     out = torch.empty_like(x)
@@ -566,7 +626,7 @@ def _rq_spline_fwd_op(
         else:
             logdet_out.copy_(logdet)
         return out, logdet_out
-    block, kp, kdp, programs, num_warps = _launch_config(cols, bins)
+    block, kp, kdp, programs, num_warps = _launch_config(cols, bins, learned_ends)
     direct = programs == 1
     partial = logdet_out if direct else torch.empty((rows, programs), dtype=torch.float32, device=x.device)
     wrap_triton(_rq_spline_fwd_kernel)[(rows, programs)](
@@ -578,7 +638,8 @@ def _rq_spline_fwd_op(
         partial,
         cols,
         programs,
-        float(bound),
+        float(lo),
+        float(hi),
         float(min_width),
         float(min_height),
         float(min_derivative),
@@ -587,6 +648,7 @@ def _rq_spline_fwd_op(
         INVERSE=bool(inverse),
         EXP_D=bool(exp_derivative),
         CLAMP=log_slope != 0.0,
+        LEARNED=bool(learned_ends),
         HAS_LOGDET=logdet is not None,
         DIRECT=direct,
         BLOCK=block,
@@ -615,15 +677,18 @@ def _rq_spline_bwd_op(
     x_in: Tensor,
     params: Tensor,
     bins: int,
-    bound: float,
+    lo: float,
+    hi: float,
     inverse: bool,
     min_width: float,
     min_height: float,
     min_derivative: float,
     exp_derivative: bool,
     log_slope: float,
+    learned_ends: bool,
 ) -> Tuple[Tensor, Tensor]:
-    _check_shapes(x_in, params, bins)
+    _check_shapes(x_in, params, bins, learned_ends)
+    _check_interval(lo, hi)
     _check_style(bins, min_width, min_height, min_derivative, log_slope)
     if grad_out.shape != x_in.shape or (grad_logdet is not None and grad_logdet.shape != (x_in.shape[0],)):
         raise ValueError(f"grad_out must have x_in's shape {tuple(x_in.shape)} and grad_logdet shape "
@@ -636,7 +701,7 @@ def _rq_spline_bwd_op(
     grad_params = torch.empty_like(params)
     if rows == 0 or cols == 0:
         return grad_in, grad_params
-    block, kp, kdp, programs, num_warps = _launch_config(cols, bins)
+    block, kp, kdp, programs, num_warps = _launch_config(cols, bins, learned_ends)
     wrap_triton(_rq_spline_bwd_kernel)[(rows, programs)](
         grad_out,
         grad_logdet if grad_logdet is not None else grad_out,
@@ -646,7 +711,8 @@ def _rq_spline_bwd_op(
         grad_params,
         cols,
         programs,
-        float(bound),
+        float(lo),
+        float(hi),
         float(min_width),
         float(min_height),
         float(min_derivative),
@@ -655,6 +721,7 @@ def _rq_spline_bwd_op(
         INVERSE=bool(inverse),
         EXP_D=bool(exp_derivative),
         CLAMP=log_slope != 0.0,
+        LEARNED=bool(learned_ends),
         HAS_GRAD_LOGDET=grad_logdet is not None,
         BLOCK=block,
         KP=kp,
@@ -665,13 +732,13 @@ def _rq_spline_bwd_op(
 
 
 # Shape-only fakes, needed only when the kernels are interpreted (see _common).
-def _rq_spline_fwd_fake(x, params, bins, bound, inverse, logdet, min_width, min_height, min_derivative,
-                        exp_derivative, log_slope):
+def _rq_spline_fwd_fake(x, params, bins, lo, hi, inverse, logdet, min_width, min_height, min_derivative,
+                        exp_derivative, log_slope, learned_ends):
     return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
 
 
-def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, bound, inverse, min_width, min_height,
-                        min_derivative, exp_derivative, log_slope):
+def _rq_spline_bwd_fake(grad_out, grad_logdet, x_in, params, bins, lo, hi, inverse, min_width, min_height,
+                        min_derivative, exp_derivative, log_slope, learned_ends):
     return torch.empty_like(x_in), torch.empty_like(params)
 
 
@@ -687,7 +754,8 @@ def rq_spline_fwd(
     x: Tensor,
     params: Tensor,
     bins: int,
-    bound: float,
+    lo: float,
+    hi: float,
     inverse: bool,
     logdet: Optional[Tensor],
     min_width: float,
@@ -695,17 +763,21 @@ def rq_spline_fwd(
     min_derivative: float,
     exp_derivative: bool,
     log_slope: float,
+    learned_ends: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out like x, logdet of shape (B,), float32 or float64 for float64 x): the spline
-    (inverse=True: its inverse) of contiguous x with contiguous params x.shape + (3 bins - 1,),
-    its log-det summed per row and added to `logdet` when given.
+    on [lo, hi] (inverse=True: its inverse) of contiguous x with contiguous params
+    x.shape + (params_per_element(bins, tails),), its log-det summed per row and added to
+    `logdet` when given.
 
     The knots' style (flowkern.reference.rq_spline's keywords): min_width, min_height,
     min_derivative; exp_derivative (derivative="exp", else "softplus"); log_slope = log(slope)
-    < 0 of zuko's soft clamp, 0.0 for none (slope=None). DEFAULT_STYLE is nflows'."""
+    < 0 of zuko's soft clamp, 0.0 for none (slope=None); learned_ends (tails=None: 3 bins + 1
+    params, the end slopes learned; else tails="linear", 3 bins - 1). DEFAULT_STYLE is nflows'."""
     return torch.ops.flowkern.rq_spline_fwd_triton(
-        x, params, int(bins), float(bound), bool(inverse), logdet,
+        x, params, int(bins), float(lo), float(hi), bool(inverse), logdet,
         float(min_width), float(min_height), float(min_derivative), bool(exp_derivative), float(log_slope),
+        bool(learned_ends),
     )
 
 
@@ -716,19 +788,22 @@ def rq_spline_bwd(
     x_in: Tensor,
     params: Tensor,
     bins: int,
-    bound: float,
+    lo: float,
+    hi: float,
     inverse: bool,
     min_width: float,
     min_height: float,
     min_derivative: float,
     exp_derivative: bool,
     log_slope: float,
+    learned_ends: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (grad_x_in like x_in, grad_params like params) from dL/d(out) and dL/d(logdet)
     (None: zero); x_in is the op's input (x going forward, y going back); the style arguments as
     rq_spline_fwd's. The gradient of the incoming running log-det is grad_logdet itself, left to
     the caller."""
     return torch.ops.flowkern.rq_spline_bwd_triton(
-        grad_out, grad_logdet, x_in, params, int(bins), float(bound), bool(inverse),
+        grad_out, grad_logdet, x_in, params, int(bins), float(lo), float(hi), bool(inverse),
         float(min_width), float(min_height), float(min_derivative), bool(exp_derivative), float(log_slope),
+        bool(learned_ends),
     )
