@@ -6,16 +6,17 @@ dispatches (a TorchDispatchMode count: on a GPU each one is a kernel launch).
 The same architectures (sbi's builders): 5 layers, hidden 50, 10 bins, bound 3, tanh MADEs
 with nflows' num_blocks = 2 (3 hidden layers) and a random permutation after each MAF layer,
 ResidualNet conditioners (2 blocks) and LU-linear layers for the coupling NSF.
-- nflows 0.14: MaskedAffineAutoregressiveTransform (use_residual_blocks=False, its sigmoid
-  scale: flowkern's scale="sigmoid"), PiecewiseRationalQuadraticCouplingTransform with its
+- nflows 0.14: MaskedAffineAutoregressiveTransform (use_residual_blocks=False, its
+  softplus(raw) + 1e-3 scale: flowkern's scale="softplus"), PiecewiseRationalQuadraticCouplingTransform with its
   ResidualNet and LULinear, MaskedPiecewiseRationalQuadraticAutoregressiveTransform
   (use_residual_blocks=False, linear tails).
-- zuko 1.6: MAF (MaskedMLP of 3 x 50, tanh, its soft-clamped affine: flowkern's "tanh" gets
-  the same); NSF (its autoregressive MonotonicRQSTransform, bound 5 as zuko fixes it). zuko
+- zuko 1.6: MAF (MaskedMLP of 3 x 50, tanh, its MonotonicAffineTransform: flowkern's
+  scale="rational" with clamp = -log(1e-3)); NSF (its autoregressive MonotonicRQSTransform, bound 5 as zuko fixes it). zuko
   has no coupling NSF with a residual conditioner: '-'.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from typing import Callable, Optional
@@ -46,10 +47,10 @@ class _NflowsFlow(nn.Module):
         z, lad = self.transform(x, context=c)
         return -0.5 * z.pow(2).sum(1) - 0.5 * self.features * 1.8378770664093453 + lad
 
-    def sample(self, n, c):  # (M, n, D), nflows' layout: n draws for each context row
-        m = c.shape[0]
+    def sample(self, n, c):  # (M, n, D), nflows' layout: n draws for each context row (M = 1 without)
+        m = 1 if c is None else c.shape[0]
         z = torch.randn(m * n, self.features)
-        x, _ = self.transform.inverse(z, context=c.repeat_interleave(n, 0))
+        x, _ = self.transform.inverse(z, context=None if c is None else c.repeat_interleave(n, 0))
         return x.view(m, n, self.features)
 
 
@@ -121,9 +122,12 @@ class _FlowkernFlow(nn.Module):
         return self.flow.sample(n, context=c)
 
 
-def flowkern_model(kind: str, features: int, context: int, scale: str) -> nn.Module:
+ZUKO_CLAMP = -math.log(1e-3)  # zuko's MonotonicAffineTransform(slope=1e-3): log m = s / (1 + |s| / 6.9)
+
+
+def flowkern_model(kind: str, features: int, context: int, scale: str, clamp: float = 2.0) -> nn.Module:
     if kind == "maf":
-        return _FlowkernFlow(models.MAF(features, context, LAYERS, HIDDEN, blocks=BLOCKS, scale=scale))
+        return _FlowkernFlow(models.MAF(features, context, LAYERS, HIDDEN, blocks=BLOCKS, scale=scale, clamp=clamp))
     if kind == "nsf":
         return _FlowkernFlow(models.NSF(features, context, LAYERS, HIDDEN, bins=BINS, bound=BOUND, blocks=BLOCKS))
     return _FlowkernFlow(models.NSF(features, context, LAYERS, HIDDEN, bins=BINS, bound=BOUND, blocks=BLOCKS,
@@ -134,8 +138,8 @@ def implementations(kind: str, features: int, context: int) -> dict[str, nn.Modu
     """name -> model; the flowkern MAF twice, with nflows' scale and with zuko's."""
     impls = {}
     if kind == "maf":
-        impls["flowkern (sigmoid)"] = flowkern_model(kind, features, context, "sigmoid")
-        impls["flowkern (tanh)"] = flowkern_model(kind, features, context, "tanh")
+        impls["flowkern (softplus)"] = flowkern_model(kind, features, context, "softplus")
+        impls["flowkern (rational)"] = flowkern_model(kind, features, context, "rational", ZUKO_CLAMP)
     else:
         impls["flowkern"] = flowkern_model(kind, features, context, "tanh")
     for name, build in (("nflows", nflows_model), ("zuko", zuko_model)):

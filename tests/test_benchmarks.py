@@ -248,3 +248,22 @@ def test_interop_suite_on_tiny_sizes(monkeypatch):
     plain = {r.case: r.extra["aten_ops_per_step"] for r in rows if r.impl == "plain"}
     assert all(r.extra["aten_ops_per_step"] < plain[r.case] for r in fast)
     assert "gain taken" in table
+    assert all(r.extra["samples"] == 100 * 100 and r.extra["epoch_s"] > 0 for r in rows if r.impl != "floor")
+    assert "epoch s" in table and "10^4 posterior samples" in table
+
+
+def test_interop_mnist_row(monkeypatch):
+    """--full's MNIST-size nflows spline RealNVP row, shrunk: accelerated, context-free sampling."""
+    pytest.importorskip("nflows")
+    from benchmarks import interop
+
+    monkeypatch.setattr(interop, "SIZES_FULL", [])
+    monkeypatch.setattr(interop, "MNIST_FEATURES", 12)
+    monkeypatch.setattr(interop, "MNIST_BATCH", 8)
+    monkeypatch.setattr(interop, "MNIST_DRAWS", 5)
+    rows, table = interop.interop_suite("cpu", False, 0.01)
+    assert {r.impl for r in rows} == {"plain", "accelerated", "floor"}
+    assert all("MNIST size" in r.case for r in rows)
+    fast = next(r for r in rows if r.impl == "accelerated")
+    assert fast.extra["samples"] == 5 and fast.extra["aten_ops_per_step"] < next(
+        r for r in rows if r.impl == "plain").extra["aten_ops_per_step"]

@@ -14,6 +14,8 @@ VARIANTS = {
     "maf": lambda **kw: models.MAF(3, **kw),
     "iaf": lambda **kw: models.MAF(3, inverse_autoregressive=True, scale="sigmoid", **kw),
     "maf-residual": lambda **kw: models.MAF(3, residual=True, permutation="reverse", **kw),
+    "maf-softplus": lambda **kw: models.MAF(3, scale="softplus", **kw),   # nflows 0.14's (sbi's maf)
+    "maf-rational": lambda **kw: models.MAF(3, scale="rational", clamp=6.9, **kw),  # zuko's
     "nsf": lambda **kw: models.NSF(3, **kw),
     "nsf-mlp": lambda **kw: models.NSF(3, conditioner="mlp", **kw),
     "nsf-autoregressive": lambda **kw: models.NSF(3, autoregressive=True, **kw),
@@ -38,6 +40,8 @@ def test_defaults_are_sbis_architectures():
     # nflows' MADE with num_blocks=2: an initial layer and 2 blocks, 3 hidden layers of 50
     assert made.first.out_features == 50 and sum(isinstance(m, nn.Linear) for m in made.hidden) == 2
     assert isinstance(made.activation, nn.Tanh) and maf.layers[1].kind == "random"
+    zuko_like = models.MAF(4, scale="rational", clamp=6.9)
+    assert all(m.scale == "rational" and m.clamp == 6.9 for m in zuko_like.layers[::2])
     nsf = models.NSF(4, context=6)
     assert [type(m).__name__ for m in nsf.layers] == ["SplineCoupling", "LinearLU"] * 5
     c = nsf.layers[0]

@@ -32,8 +32,10 @@ class MAF(Flow):
     layer and `blocks` residual blocks.
 
     The defaults are sbi's `maf`: 5 layers, hidden 50, num_blocks 2 (3 hidden layers), tanh, a
-    random permutation after each layer. scale="sigmoid" is nflows' MaskedAffineAutoregressiveTransform
-    (what sbi's maf runs), "tanh" (default) the soft-clamped exp of zuko and FrEIA.
+    random permutation after each layer. The scale (the affine op's, with its clamp): "softplus" is
+    nflows 0.14's MaskedAffineAutoregressiveTransform (what sbi's maf runs), "sigmoid" normflows',
+    "rational" with clamp = -log(slope) zuko's MAF (slope 1e-3: clamp 6.908), "tanh" (default,
+    clamp 2) the soft-clamped exp of FrEIA.
 
     Args:
         features: D of the (B, D) data.
@@ -46,14 +48,15 @@ class MAF(Flow):
     """
 
     def __init__(self, features: int, context: int = 0, layers: int = 5, hidden: int = 50, *, blocks: int = 2,
-                 scale: str = "tanh", activation: Activation = "tanh", permutation: str = "random",
-                 inverse_autoregressive: bool = False, residual: bool = False, dropout: float = 0.0,
-                 embedding: Optional[nn.Module] = None, memory_saving: Union[bool, int] = False):
+                 scale: str = "tanh", clamp: float = 2.0, activation: Activation = "tanh",
+                 permutation: str = "random", inverse_autoregressive: bool = False, residual: bool = False,
+                 dropout: float = 0.0, embedding: Optional[nn.Module] = None,
+                 memory_saving: Union[bool, int] = False):
         features, layers = _size("features", features), _size("layers", layers)
         mods = []
         for _ in range(layers):
             mods.append(MaskedAutoregressiveAffine(features, hidden, layers=_made_layers(blocks, residual),
-                                                   context=context, scale=scale,
+                                                   context=context, scale=scale, clamp=clamp,
                                                    inverse_autoregressive=inverse_autoregressive, residual=residual,
                                                    activation=activation, dropout=dropout))
             mods.append(_permutation(permutation, features))
