@@ -11,6 +11,7 @@ import torch
 
 from .. import ops
 from ..ops.rq_spline import KERNEL_MAX_BINS
+from ..reference.rq_spline import TAILS
 
 
 def feature_index(indices: torch.Tensor):
@@ -53,7 +54,7 @@ def bins_of(module) -> int:
 
 def spline_check(module) -> Optional[str]:
     tails = module.tails
-    if tails not in ("linear", None):
+    if tails not in TAILS:
         return f"tails={tails!r}: the fused spline has linear tails or none (circular tails are not covered)"
     if bins_of(module) > KERNEL_MAX_BINS:
         return f"num_bins={bins_of(module)} > {KERNEL_MAX_BINS}, the fused kernels' limit"
